@@ -1,0 +1,133 @@
+"""Hugging Face checkpoint directories: config.json + model.safetensors (or shards + index).
+
+Only safetensors is read: a pickle-based `pytorch_model.bin` can run code when loaded, so it is
+refused with a message rather than loaded with torch.load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig, parse_dtype
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def _read_safetensors(path: Path, names: list[str] | None, dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in names if names is not None else f.keys():
+                t = f.get_tensor(name)
+                if t.is_floating_point() and dtype is not None and t.dtype != dtype:
+                    t = t.to(dtype)
+                out[name] = t
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"cannot read safetensors file {path} (truncated or corrupt?): {e}") from None
+    return out
+
+
+def load_checkpoint(path: str | Path, dtype=None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read config and tensors. dtype=None keeps the dtype named in config.json (torch_dtype)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = ModelConfig.from_json(path / "config.json")
+    target = parse_dtype(dtype) if dtype is not None else _config_dtype(cfg)
+    if (path / SINGLE).is_file():
+        state = _read_safetensors(path / SINGLE, None, target)
+    elif (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path / INDEX} is not a valid safetensors index (need 'weight_map'): {e}") from None
+        by_file: dict[str, list[str]] = {}
+        for name, fname in weight_map.items():
+            by_file.setdefault(fname, []).append(name)
+        state = {}
+        for fname, names in by_file.items():
+            if not (path / fname).is_file():
+                raise FileNotFoundError(f"shard {path / fname} named in {INDEX} does not exist")
+            state.update(_read_safetensors(path / fname, names, target))
+    else:
+        hint = " (pickle checkpoints are not loaded for safety; convert to safetensors)" if any(
+            path.glob("*.bin")) else ""
+        raise FileNotFoundError(f"no {SINGLE} or {INDEX} in {path}{hint}")
+    cfg.torch_dtype = str(target).removeprefix("torch.")
+    return cfg, state
+
+
+def _config_dtype(cfg: ModelConfig) -> torch.dtype:
+    try:
+        return parse_dtype(cfg.torch_dtype)
+    except ValueError:
+        return torch.float32
+
+
+def save_checkpoint(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor],
+                    max_shard_bytes: int | None = None):
+    """Write into `path` (created if needed), keeping any other files there (e.g. tokenizer files).
+
+    Each file is written under a temporary name and renamed, so a reader never sees a torn file;
+    whole-checkpoint atomicity (several files at once) is the caller's job, see `replace_dir`.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    cfg_dict = cfg.to_dict()
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        cfg_dict["torch_dtype"] = cfg_dict["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    meta = {"format": "pt"}  # transformers refuses safetensors files without it
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    if not max_shard_bytes or total <= max_shard_bytes:
+        shards = [state]
+    else:
+        shards, cur, size = [], {}, 0
+        for k, v in state.items():
+            nbytes = v.numel() * v.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = v, size + nbytes
+        shards.append(cur)
+    for old in [path / SINGLE, path / INDEX, *path.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)  # stale files from an earlier save would shadow the new one
+    if len(shards) == 1:
+        _atomic(path / SINGLE, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(path / fname, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=meta))
+            weight_map.update({k: fname for k in shard})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic(path / INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n"))
+
+
+def _atomic(dst: Path, write):
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def replace_dir(src: Path, dst: Path):
+    """Move a fully written directory into place; an existing `dst` is swapped out, then removed."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -1,0 +1,324 @@
+"""A Qwen2-family decoder (Qwen2, Qwen3, Llama) with an explicit, preallocated KV cache.
+
+Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`, ...), so a released
+`model.safetensors` loads with a plain `load_state_dict` and `save_pretrained` writes a directory
+that `transformers.AutoModelForCausalLM` reads back.
+
+Two forward modes share one code path:
+  * training / scoring: `model(input_ids, attention_mask=None)` -> (B, T, V) logits, causal, with
+    optional left/right padding and per-layer gradient checkpointing;
+  * inference: `model(input_ids, cache=cache, input_lengths=...)` appends the tokens to each row of
+    a `KVCache` at that row's own length, so rows of different lengths decode together without any
+    padding inside the cache (see KVCache).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32 and cast back before the weight multiply, as the reference does;
+        # doing the multiply in fp32 changes bf16 logits by a few ulps.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """(head_dim/2,) fp32 inverse frequencies, with linear or Llama-3 scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    sc = cfg.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        inv = inv / float(sc["factor"])
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, smooth in between.
+        factor, lo, hi = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+        old_len = float(sc["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        inv = torch.where(wavelen > old_len / lo, inv / factor, torch.where(wavelen < old_len / hi, inv, mid))
+    return inv
+
+
+def rope_cos_sin(inv_freq, position_ids, dtype):
+    """position_ids (B, T) -> cos, sin (B, T, 1, head_dim) in `dtype`, computed in fp32."""
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, H, D): rotate the two halves of each head (the HF 'rotate_half' layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for `batch_size` rows of up to `max_len` tokens.
+
+    Each row r holds its own sequence in positions [0, lengths[r]); there is no padding inside a
+    row, so rows of different lengths decode in one batch and RoPE positions are simply the row's
+    length. A forward with the cache uses rows [0, B) for an input of batch B; `reorder(idx)`
+    gathers rows to the front, which is how a finished row is dropped (batch compaction) and how
+    one prefilled prompt is copied into the G rows of its group.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)  # (B, H_kv, S, D)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.max_len = max_len
+        # Host-side upper bound on lengths, so attention can slice the cache without a device sync.
+        self.bound = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    def reorder(self, idx: torch.Tensor):
+        """Rows idx[i] -> row i for i < len(idx) (gather; idx may repeat rows)."""
+        n, s = idx.numel(), self.bound
+        for t in self.k + self.v:
+            t[:n, :, :s] = t[idx, :, :s]
+        self.lengths[:n] = self.lengths[idx]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.model_type == "llama" and bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, layer_idx, cache: KVCache | None, pos):
+        B, T, _ = x.shape  # (B, T, C)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, H_kv, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
+        else:
+            kc, vc = cache.k[layer_idx], cache.v[layer_idx]  # (B_max, H_kv, S, D)
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            kc[rows, :, pos] = k.to(kc.dtype)  # pos (B, T): each row writes at its own length
+            vc[rows, :, pos] = v.to(vc.dtype)
+            k, v = kc[:B, :, : cache.bound], vc[:B, :, : cache.bound]  # (B, H_kv, S, D)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, layer_idx=0, cache=None, pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_idx, cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """The `model.` prefix of HF checkpoints: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen2(nn.Module):
+    """Causal LM: `Qwen2(cfg)(input_ids (B, T)) -> logits (B, T, V)`. Also serves Qwen3 and Llama."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False  # recompute each layer in backward to save activations
+        self._inv_freq = {}  # device -> (D/2,) fp32; computed lazily so meta-device init stays cheap
+
+    # ---------------------------------------------------------------- construction and I/O
+    def init_weights(self, seed: int | None = None):
+        """Random init as HF does it: N(0, initializer_range) matrices, zero biases, unit norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                w = torch.empty(mod.weight.shape).normal_(0.0, std, generator=gen)
+                with torch.no_grad():
+                    mod.weight.copy_(w)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, RMSNorm):
+                nn.init.ones_(mod.weight)
+        return self
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig | dict, seed: int = 0, dtype=None, device=None) -> "Qwen2":
+        cfg = ModelConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+        model = cls(cfg).init_weights(seed)
+        return model.to(device=device, dtype=dtype) if (dtype or device) else model
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=None, device=None) -> "Qwen2":
+        """Load a HF checkpoint dir (model.safetensors or a sharded index), optionally cast/moved."""
+        from .checkpoint import load_checkpoint  # checkpoint.py never imports model.py: no cycle
+
+        cfg, state = load_checkpoint(path, dtype=dtype)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.check_state_dict(state, source=str(path))
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        model.load_state_dict(state, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.to(device) if device is not None else model
+
+    def check_state_dict(self, state: dict, source: str):
+        """One clear error for missing, unexpected or mis-shaped tensors."""
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+               for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])]
+        problems = []
+        if missing:
+            problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if bad:
+            problems.append(f"mis-shaped tensors {bad[:5]}")
+        if problems:
+            raise ValueError(f"checkpoint {source} does not fit its config.json: " + "; ".join(problems))
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int | None = None):
+        """Write config.json + model.safetensors (or shards + index) in the HF layout."""
+        from .checkpoint import save_checkpoint
+
+        state = {k: v for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # shared storage; HF omits it too
+        save_checkpoint(path, self.config, state, max_shard_bytes=max_shard_bytes)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---------------------------------------------------------------- forward
+    def inv_freq(self, device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config, device)
+        return self._inv_freq[device]
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                input_lengths=None, logits_at=None, return_hidden: bool = False):
+        """input_ids (B, T) -> logits (B, T, V).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding (left or right); positions then
+            count real tokens only, so a left-padded row gives the same logits as unpadded.
+        cache: append to each row of the cache at its own length (prefill or decode). Rows whose
+            input is shorter than T pass input_lengths (B,); the tail is padding whose keys are
+            written but never counted, and later overwritten.
+        logits_at (B,): compute logits only at one position per row -> (B, V). A prefill needs only
+            the last position, which saves a (B, T, V) projection on a 150k vocabulary.
+        return_hidden: return the final normed hidden states (B, T, C) instead of logits.
+        """
+        B, T = input_ids.shape
+        dev = input_ids.device
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        mask, pos = None, None
+        if cache is not None:
+            if input_lengths is None:
+                input_lengths = torch.full((B,), T, dtype=torch.long, device=dev)
+            if cache.bound + T > cache.max_len:
+                raise ValueError(f"KV cache of {cache.max_len} positions cannot take {T} more tokens")
+            cache.bound += T
+            pos = cache.lengths[:B, None] + torch.arange(T, device=dev)  # (B, T)
+            position_ids = pos
+            # A query sees keys at positions <= its own; this is causal and also hides stale
+            # keys past each row's length.
+            key_pos = torch.arange(cache.bound, device=dev)  # (S,)
+            mask = (key_pos[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, S)
+        elif attention_mask is not None:
+            am = attention_mask.bool()  # (B, T)
+            if position_ids is None:
+                position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            # Every query also sees itself, so a padding query's softmax is never empty (NaN).
+            mask = ((causal[None] & am[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev))[:, None]
+        if position_ids is None:
+            position_ids = torch.arange(T, device=dev)[None].expand(B, T)
+        cos, sin = rope_cos_sin(self.inv_freq(dev), position_ids, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, i, cache, pos)
+        if cache is not None:
+            cache.lengths[:B] += input_lengths
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        if logits_at is not None:
+            x = x[torch.arange(B, device=dev), logits_at]  # (B, C)
+        return self.lm_head(x)
