@@ -1,0 +1,117 @@
+"""EpisodeBuffer: a Ray actor holding whole groups as Arrow RecordBatches.
+
+Workers `put` finished groups; the learner `take`s n groups no older than a minimum policy version.
+Both are async methods on one event loop, so a `take` that waits for data never blocks a `put`,
+and a `put` into a full buffer waits (back-pressure on the worker) instead of growing memory.
+Every produced group is also appended to a Parquet log in the run directory, one part file per
+flush, so the log stays readable by pyarrow / pandas / DuckDB even if the run is killed.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from nanogrpo.episode import SCHEMA
+
+
+@ray.remote(num_cpus=0)
+class EpisodeBuffer:
+    def __init__(self, capacity_groups: int, log_dir: str | None = None, counters: dict | None = None,
+                 log_every_groups: int = 64):
+        self.capacity = capacity_groups
+        self.groups: collections.deque[pa.RecordBatch] = collections.deque()
+        c = counters or {}
+        self.produced, self.consumed, self.dropped = c.get("produced", 0), c.get("consumed", 0), c.get("dropped", 0)
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.log_every = log_every_groups
+        self.pending_log: list[pa.RecordBatch] = []
+        self.part = c.get("log_parts", 0)
+        self._changed: asyncio.Condition | None = None
+        if self.log_dir:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _cond(self) -> asyncio.Condition:
+        # Created lazily: the actor's event loop is only running once a method executes.
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def put(self, batches: list[pa.RecordBatch], timeout: float | None = None) -> int:
+        """Append groups (one RecordBatch each); waits while the buffer is full. -> groups held."""
+        for b in batches:
+            if not b.schema.equals(SCHEMA):
+                raise ValueError(f"episode batch does not match the declared schema:\n{b.schema}")
+        cond = self._cond()
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait_for(lambda: len(self.groups) < self.capacity), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"EpisodeBuffer.put: buffer stayed full ({self.capacity} groups) for "
+                                   f"{timeout:.0f}s; is the learner still consuming?") from None
+            self.groups.extend(batches)
+            self.produced += len(batches)
+            self.pending_log.extend(batches)
+            cond.notify_all()
+        if len(self.pending_log) >= self.log_every:
+            self.flush()
+        return len(self.groups)
+
+    async def take(self, n_groups: int, min_version: int = 0, timeout: float | None = None) -> pa.Table:
+        """Remove and return n groups with policy_version >= min_version (oldest first).
+
+        Groups older than min_version are dropped as too stale and counted; they can never be
+        used again because min_version only grows.
+        """
+        cond = self._cond()
+
+        def ready():
+            fresh = [g for g in self.groups if g.column("policy_version")[0].as_py() >= min_version]
+            return len(fresh) >= n_groups
+
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait_for(ready), timeout)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"EpisodeBuffer.take: waited {timeout:.0f}s for {n_groups} groups with "
+                                   f"version >= {min_version}, have {len(self.groups)} in buffer; are the "
+                                   "rollout workers alive?") from None
+            out, keep = [], collections.deque()
+            for g in self.groups:
+                if g.column("policy_version")[0].as_py() < min_version:
+                    self.dropped += 1
+                elif len(out) < n_groups:
+                    out.append(g)
+                else:
+                    keep.append(g)
+            self.groups = keep
+            self.consumed += len(out)
+            cond.notify_all()
+        return pa.Table.from_batches(out, schema=SCHEMA)
+
+    def flush(self) -> int:
+        """Write pending groups to the next Parquet part file. -> parts written so far."""
+        if self.log_dir and self.pending_log:
+            table = pa.Table.from_batches(self.pending_log, schema=SCHEMA)
+            tmp = self.log_dir / f".part-{self.part:06d}.parquet.tmp"
+            pq.write_table(table, tmp)
+            tmp.rename(self.log_dir / f"part-{self.part:06d}.parquet")
+            self.part += 1
+        self.pending_log = []
+        return self.part
+
+    def stats(self) -> dict:
+        return {"produced": self.produced, "consumed": self.consumed, "dropped": self.dropped,
+                "in_buffer": len(self.groups), "log_parts": self.part}
+
+    def checkpoint_state(self) -> dict:
+        """Counters for a resume. Buffered groups are not kept: a resumed run regenerates them,
+        so they are counted as dropped to keep produced = consumed + dropped + buffered."""
+        self.flush()
+        s = self.stats()
+        return {"produced": s["produced"], "consumed": s["consumed"],
+                "dropped": s["dropped"] + s["in_buffer"], "log_parts": s["log_parts"]}

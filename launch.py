@@ -1,0 +1,409 @@
+"""nanogrpo driver: GRPO on a Ray cluster, from a 2-core laptop to `ray up cluster.yaml`.
+
+Reads top to bottom: config -> task, model, tokenizer checked before anything starts -> Ray and
+actor placement -> the loop (dispatch rollouts, train, sync weights, log, eval, checkpoint) ->
+summary. `python launch.py plot RUN_DIR` redraws a run's plots.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+RESUMABLE_OVERRIDES = {"steps", "eval_every", "save_every", "keep_last", "quiet", "address", "sync_timeout",
+                       "num_rollout_workers", "threads_per_worker", "learner_threads", "resume"}
+CSV_COLUMNS = [
+    "step", "reward_mean", "reward_std", "success_rate", "format_rate", "eval_success", "loss", "pg_loss", "kl",
+    "entropy", "grad_norm", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "adv_mean", "adv_std",
+    "response_len", "staleness_mean", "staleness_max", "logprob_gap", "logprob_gap_onpolicy", "zero_var_frac",
+    "skipped_step", "lr", "tokens_per_s", "time_step", "time_generate", "time_train", "time_sync",
+    "learner_idle_s", "buffer_produced", "buffer_consumed", "buffer_dropped", "buffer_in", "worker_restarts",
+    "wall_time",
+]
+
+
+def log(msg: str):
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- run directory
+def prepare_run_dir(cfg, given: set[str]):
+    """Fresh run: create the directory. Resume: reload its config, apply only safe overrides."""
+    from nanogrpo.runconfig import RunConfig
+
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"--resume: {run_dir}/config.json not found (is it a nanogrpo run directory?)")
+        saved = RunConfig.from_json_file(run_dir / "config.json")
+        bad = sorted(given - RESUMABLE_OVERRIDES)
+        if bad:
+            raise ValueError(f"--resume: flags {['--' + b.replace('_', '-') for b in bad]} would change the run; "
+                             f"only {sorted('--' + o.replace('_', '-') for o in RESUMABLE_OVERRIDES)} may be given")
+        for k in given:
+            setattr(saved, k, getattr(cfg, k))
+        saved.resume, saved.out = str(run_dir), str(run_dir)
+        return run_dir, saved
+    run_dir = Path(cfg.out or f"runs/{cfg.task.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"--out: {run_dir} exists and is not empty; use --resume {run_dir} to continue it "
+                              "or pick another directory (nothing there is overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.out = str(run_dir)
+    return run_dir, cfg
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose manifest says it was completely written."""
+    good = []
+    for d in sorted((run_dir / "checkpoints").glob("step-*")):
+        try:
+            if json.loads((d / "MANIFEST.json").read_text()).get("complete"):
+                good.append(d)
+        except (OSError, json.JSONDecodeError):
+            continue  # a half-written checkpoint (crash mid-save) is skipped, never loaded
+    return good[-1] if good else None
+
+
+def prepare_model(cfg, run_dir: Path) -> str:
+    """The initial policy directory: the user's HF checkpoint, or the built-in tiny model."""
+    from nanogrpo.model import Qwen2
+    from nanogrpo.tiny import TINY_MODEL_CONFIG, write_tiny_model_dir
+
+    if cfg.model != "tiny":
+        if not Path(cfg.model).is_dir():
+            raise FileNotFoundError(f"--model: checkpoint directory {cfg.model} does not exist")
+        return cfg.model
+    d = run_dir / "init_model"
+    if not (d / "model.safetensors").is_file():
+        write_tiny_model_dir(d)
+        Qwen2.from_config(TINY_MODEL_CONFIG, seed=cfg.seed).save_pretrained(d)
+    return str(d)
+
+
+def example_index(pos: int, n: int, seed: int, _cache={}) -> int:
+    """Data position -> train example: a fresh seeded permutation every epoch, so the order is
+    a pure function of (seed, position) and a resume continues exactly where it stopped."""
+    epoch = pos // n
+    if (seed, epoch, n) not in _cache:
+        perm = list(range(n))
+        random.Random(seed * 7919 + epoch).shuffle(perm)
+        _cache.clear()
+        _cache[(seed, epoch, n)] = perm
+    return _cache[(seed, epoch, n)][pos % n]
+
+
+# ----------------------------------------------------------------------------- metrics
+class MetricsLog:
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = run_dir / "metrics.csv"
+        if resume_step is not None and self.path.is_file():
+            # Rows after the checkpoint were produced by the crashed tail of the run: drop them.
+            rows = [r for r in csv.DictReader(self.path.open()) if int(r["step"]) <= resume_step]
+            self._write_all(rows)
+        elif not self.path.is_file():
+            self._write_all([])
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            pass  # TensorBoard is optional
+
+    def _write_all(self, rows):
+        with self.path.open("w", newline="") as f:
+            w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict):
+        clean = {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()}
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore").writerow(clean)
+        if self.tb:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not math.isnan(v):
+                    self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
+
+
+# ----------------------------------------------------------------------------- Ray placement
+def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from: str | None):
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.buffer import EpisodeBuffer
+    from actors.rollout import RolloutWorker
+    from learner.learner import Learner
+
+    W = cfg.num_rollout_workers
+    n_gpu = ray.cluster_resources().get("GPU", 0)
+    learner_gpus = (1 if n_gpu >= 1 else 0) if cfg.learner_gpus < 0 else cfg.learner_gpus
+    cfg.learner_gpus = learner_gpus
+    cfg.validate(cluster_gpus=n_gpu)
+    cores = os.cpu_count() or 1
+    learner_threads = cfg.learner_threads or max(1, cores - W * cfg.threads_per_worker)
+
+    def bundle(cpus, gpus):
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+    bundles = [bundle(1, learner_gpus)] + [bundle(1, cfg.gpus_per_worker) for _ in range(W)]
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    # One node: pack (learner on the first GPU, workers on the rest). Several: spread them out.
+    strategy = "SPREAD" if len(nodes) > 1 else "PACK"
+    pg = placement_group(bundles, strategy=strategy)
+    if not pg.wait(timeout_seconds=cfg.sync_timeout):
+        raise TimeoutError(f"placement group {bundles} ({strategy}) could not be placed within {cfg.sync_timeout:.0f}s; "
+                           f"cluster has {ray.cluster_resources()}")
+
+    def on(i):
+        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+
+    buffer = EpisodeBuffer.options(max_concurrency=1000).remote(
+        cfg.buffer_capacity or 4 * cfg.prompts_per_step, str(run_dir / "episodes"), counters)
+    learner = Learner.options(num_cpus=1, num_gpus=learner_gpus, scheduling_strategy=on(0)).remote(
+        vars(cfg), model_dir, learner_threads, resume_from)
+    sampling = {"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_k": cfg.top_k, "top_p": cfg.top_p}
+    workers = [RolloutWorker.options(num_cpus=1, num_gpus=cfg.gpus_per_worker, scheduling_strategy=on(i + 1),
+                                     max_restarts=-1, max_task_retries=0).remote(
+        i, model_dir, cfg.task, cfg.data, cfg.seed, cfg.threads_per_worker, sampling, buffer, cfg.num_test,
+        cfg.sync_timeout) for i in range(W)]
+    info = ray.get([learner.node_info.remote()] + [w.ready.remote() for w in workers], timeout=cfg.sync_timeout * 2)
+    return pg, buffer, learner, workers, info
+
+
+# ----------------------------------------------------------------------------- the run
+def run(cfg, given: set[str]) -> Path:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    from actors.rollout import prompt_ids
+    from learner.broadcast import CollectiveSync, ObjectStoreSync
+    from nanogrpo.tasks import load_task
+    from nanogrpo.tokenizer import Tokenizer
+
+    run_dir, cfg = prepare_run_dir(cfg, given)
+    cfg.validate()
+    # Everything that can be wrong with the inputs fails here, before Ray starts or files are written.
+    task = load_task(cfg.task, cfg.data, seed=cfg.seed, num_test=cfg.num_test, on_bad_row=cfg.on_bad_row)
+    cfg.max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
+    model_dir = prepare_model(cfg, run_dir) if not cfg.resume else json.loads((run_dir / "run.json").read_text())["model_dir"]
+    tok = Tokenizer.from_pretrained(model_dir)
+    prompt_ids(tok, task, task.train[0])  # raises if the tokenizer has no chat template
+    (run_dir / "config.json").write_text(cfg.to_json())
+    (run_dir / "run.json").write_text(json.dumps({"model_dir": model_dir, "argv": sys.argv[1:]}))
+    state = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
+    start_step = int(state.get("step", 0))
+
+    if cfg.address:
+        try:
+            ray.init(address=cfg.address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConnectionError(f"--address: cannot connect to a Ray cluster at {cfg.address!r}: {e}") from None
+    else:
+        need = 1 + cfg.num_rollout_workers
+        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=False)
+    pg, buffer, learner, workers, info = start_actors(cfg, run_dir, model_dir, state.get("buffer", {}),
+                                                      str(ckpt) if ckpt else None)
+    log(f"learner on {info[0]['device']} (node {info[0]['node'][:8]}), {len(workers)} rollout workers on "
+        f"{', '.join(i['device'] + '@' + i['node'][:8] for i in info[1:])}")
+    metrics_log = MetricsLog(run_dir, start_step if ckpt else None)
+    W, B, G, k = len(workers), cfg.prompts_per_step, cfg.group_size, cfg.max_staleness
+    n_train = len(task.train)
+
+    # Supervised warm start (fresh runs only), then the first published weights.
+    sft_steps = cfg.sft_steps if cfg.sft_steps >= 0 else (300 if cfg.model == "tiny" else 0)
+    if not ckpt and sft_steps > 0 and "solution" in task.train[0]:
+        eos = tok.eos_token_id
+        seqs = [(prompt_ids(tok, task, ex), tok.encode(ex["solution"]) + [eos]) for ex in task.train]
+        t0 = time.perf_counter()
+        sft = ray.get(learner.sft.remote(seqs, sft_steps, 64, cfg.sft_lr, cfg.seed))
+        log(f"supervised warm start: {sft_steps} steps in {time.perf_counter() - t0:.1f}s, "
+            f"loss {sft['sft_loss_first']:.3f} -> {sft['sft_loss_last']:.3f}")
+    weights = ray.get(learner.publish.remote())
+    version = ray.get(learner.state.remote())["version"]
+    sync = CollectiveSync(learner, workers, cfg.sync_timeout) if cfg.weight_sync == "collective" else \
+        ObjectStoreSync(learner, workers)
+    if sync.mode == "collective":
+        sync.after_step(workers, cfg.sync_timeout)
+
+    def evaluate() -> float:
+        idx = list(range(len(task.test)))
+        chunks = [idx[i::W] for i in range(W)]
+        res = ray.get([w.evaluate.remote(c, sync.ref_for(weights), version) for w, c in zip(workers, chunks) if c],
+                      timeout=cfg.sync_timeout * 4)
+        flat = [x for r in res for x in r]
+        return sum(flat) / max(len(flat), 1)
+
+    def save(step: int) -> Path:
+        counters = ray.get(buffer.checkpoint_state.remote())
+        path = run_dir / "checkpoints" / f"step-{step:06d}"
+        ray.get(learner.save.remote(str(path), {"step": step, "buffer": counters, "worker_restarts": restarts}),
+                timeout=cfg.sync_timeout * 4)
+        done = sorted((run_dir / "checkpoints").glob("step-*"))
+        for old in done[: -cfg.keep_last]:
+            import shutil
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    t_run = time.perf_counter()
+    restarts = int(state.get("worker_restarts", 0))
+    eval_hist = []
+    if not ckpt:
+        e0 = evaluate()
+        eval_hist.append((0, e0))
+        metrics_log.write({"step": 0, "eval_success": e0, "wall_time": 0.0})
+        log(f"step 0: held-out greedy success {e0:.3f} ({len(task.test)} prompts)")
+
+    step, dispatch_step = start_step, start_step
+    queue: collections.deque = collections.deque()
+    in_flight: dict = {}
+    idle = list(range(W))
+    step_ref = None
+    window = {"gen": 0.0, "sync": 0.0, "tokens": 0, "t0": time.perf_counter()}
+    chunk = cfg.rollout_batch or math.ceil(B / W)
+    last_metrics = {}
+    interrupted = False
+    try:
+        while step < cfg.steps:
+            # 1. Queue the prompts of every step whose groups may already be generated: step s's groups
+            #    must come from version >= s - k, and the newest version is `version`.
+            while dispatch_step < cfg.steps and dispatch_step <= version + k:
+                items = [(dispatch_step * B + j, dispatch_step, example_index(dispatch_step * B + j, n_train, cfg.seed))
+                         for j in range(B)]
+                queue.extend(items[i:i + chunk] for i in range(0, B, chunk))
+                dispatch_step += 1
+            while idle and queue:
+                w = idle.pop(0)
+                work = queue.popleft()
+                in_flight[workers[w].rollout.remote(work, sync.ref_for(weights), version)] = (w, work)
+            # 2. The learner's next step waits (inside the buffer, not here) for B fresh groups.
+            if step_ref is None:
+                take = buffer.take.remote(B, max(0, step - k), cfg.sync_timeout)
+                step_ref = learner.train_step.remote(take)
+            ready, _ = ray.wait(list(in_flight) + [step_ref], num_returns=1, timeout=cfg.sync_timeout)
+            if not ready:
+                raise TimeoutError(f"nothing finished for {cfg.sync_timeout:.0f}s: learner step {step} and "
+                                   f"{len(in_flight)} rollout calls pending")
+            ref = ready[0]
+            if ref in in_flight:
+                w, work = in_flight.pop(ref)
+                try:
+                    st = ray.get(ref)
+                    window["gen"] += st["gen_seconds"]
+                    window["sync"] += st["sync_seconds"]
+                    window["tokens"] += st["tokens"]
+                except RayActorError as e:
+                    # The worker died (Ray restarts it; it reloads the latest weights on its next call).
+                    restarts += 1
+                    queue.appendleft(work)
+                    log(f"rollout worker {w} died ({type(e).__name__}); restart #{restarts}, re-issuing "
+                        f"{len(work)} prompts")
+                idle.append(w)
+                continue
+            # The learner finished a step.
+            metrics, weights = ray.get(ref)
+            step_ref = None
+            step += 1
+            version = metrics["version"]
+            if sync.mode == "collective":
+                # A worker busy generating cannot receive: let in-flight calls finish, then broadcast.
+                for r in list(in_flight):
+                    w, _ = in_flight.pop(r)
+                    st = ray.get(r, timeout=cfg.sync_timeout)
+                    window["gen"] += st["gen_seconds"]
+                    window["tokens"] += st["tokens"]
+                    idle.append(w)
+                window["sync"] += sync.after_step(workers, cfg.sync_timeout)
+            if metrics.get("skipped_step"):
+                log(f"step {step}: non-finite loss or gradient, update skipped ({int(metrics['skipped_step'])})")
+            bstats = ray.get(buffer.stats.remote())
+            now = time.perf_counter()
+            row = {**metrics, "step": step, "time_step": now - window["t0"], "time_generate": window["gen"],
+                   "time_train": metrics["train_seconds"], "time_sync": window["sync"],
+                   "tokens_per_s": window["tokens"] / max(now - window["t0"], 1e-9),
+                   "buffer_produced": bstats["produced"], "buffer_consumed": bstats["consumed"],
+                   "buffer_dropped": bstats["dropped"], "buffer_in": bstats["in_buffer"],
+                   "worker_restarts": restarts, "wall_time": now - t_run}
+            window = {"gen": 0.0, "sync": 0.0, "tokens": 0, "t0": now}
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                row["eval_success"] = evaluate()
+                eval_hist.append((step, row["eval_success"]))
+            metrics_log.write(row)
+            last_metrics = row
+            if not cfg.quiet:
+                ev = f" | eval {row['eval_success']:.3f}" if "eval_success" in row else ""
+                log(f"step {step}/{cfg.steps} | reward {row['reward_mean']:.3f} | success {row['success_rate']:.3f}{ev} "
+                    f"| kl {row.get('kl', 0):.4f} | ent {row.get('entropy', 0):.3f} | len {row['response_len']:.1f} "
+                    f"| stale {row['staleness_mean']:.2f} | gap {row['logprob_gap']:.2e} | {row['time_step']:.2f}s")
+            if metrics.get("skipped_in_a_row", 0) >= 5:
+                raise RuntimeError(f"{int(metrics['skipped_in_a_row'])} consecutive steps had a non-finite loss or "
+                                   "gradient; stopping (lower --lr or check the data)")
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                save(step)
+    except KeyboardInterrupt:
+        interrupted = True
+        log(f"interrupted at step {step}: saving a checkpoint")
+    # Let in-flight rollouts land so the episode accounting is complete, then the final checkpoint.
+    for r in list(in_flight):
+        try:
+            ray.get(r, timeout=cfg.sync_timeout)
+        except (RayActorError, GetTimeoutError):
+            pass
+    if step_ref is not None:
+        ray.cancel(step_ref, force=False)
+    ckpt_path = save(step)
+    ray.get(buffer.flush.remote())
+    bstats = ray.get(buffer.stats.remote())
+    wall = time.perf_counter() - t_run
+
+    from nanogrpo.plot import plot_run
+    png = plot_run(run_dir / "metrics.csv", run_dir / "curves.png")
+    summary = {"steps": step, "wall_seconds": round(wall, 1), "interrupted": interrupted,
+               "eval_first": eval_hist[0][1] if eval_hist else None,
+               "eval_last": eval_hist[-1][1] if eval_hist else None,
+               "eval_best": max(e for _, e in eval_hist) if eval_hist else None,
+               "reward_last": last_metrics.get("reward_mean"), "worker_restarts": restarts, **bstats,
+               "checkpoint": str(ckpt_path), "plot": str(png)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log("\n" + "-" * 60)
+    for k_, v in summary.items():
+        log(f"{k_:>18} : {v:.3f}" if isinstance(v, float) else f"{k_:>18} : {v}")
+    log("-" * 60)
+    ray.shutdown()
+    log(f"run dir: {run_dir}")
+    return run_dir
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plot"]:
+        if len(argv) != 2:
+            print("usage: python launch.py plot RUN_DIR", file=sys.stderr)
+            return 2
+        from nanogrpo.plot import plot_run
+        print(plot_run(Path(argv[1]) / "metrics.csv", Path(argv[1]) / "curves.png"))
+        return 0
+    from nanogrpo.runconfig import parse_args
+    cfg, given = parse_args(argv, description=__doc__.split("\n\n")[0])
+    try:
+        run(cfg, given)
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

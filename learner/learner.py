@@ -1,0 +1,271 @@
+"""Learner: a Ray actor that turns groups of episodes into GRPO updates and publishes weights.
+
+One `train_step` = take B groups (an Arrow table the driver routes from the buffer), compute
+group-normalised advantages, pack the rows into length-sorted micro-batches under a token budget,
+accumulate gradients (bf16 autocast on CUDA), clip, step the CPU-offloaded AdamW, bump the policy
+version and `ray.put` the packed weights once. It also recomputes the sampled tokens' log-probs
+and reports their gap to the sampler's: with staleness 0 it must be ~0, so a broken weight sync
+shows up as a number instead of silently training on garbage.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from learner.broadcast import free_port
+from nanogrpo.episode import group_sizes, to_tensors
+from nanogrpo.grpo import group_advantages, grpo_loss, token_logprobs
+from nanogrpo.model import Qwen2
+from nanogrpo.optim import CPUOffloadAdamW, clip_grad_norm_, param_groups
+from nanogrpo.runconfig import RunConfig
+from nanogrpo.weights import CollectiveGroup, digest, pack
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Row indices grouped into micro-batches of similar length: rows x longest row <= budget
+    (a row longer than the budget gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, cur, cur_max = [], [], 0
+    for i in order:
+        m = max(cur_max, lengths[i])
+        if cur and m * (len(cur) + 1) > token_budget:
+            out.append(cur)
+            cur, m = [], lengths[i]
+        cur.append(i)
+        cur_max = m
+    if cur:
+        out.append(cur)
+    return out
+
+
+@ray.remote
+class Learner:
+    def __init__(self, cfg: dict, model_dir: str, threads: int, resume_from: str | None = None):
+        self.cfg = RunConfig(**cfg)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(self.cfg.seed)
+        load_dir = resume_from or model_dir
+        # Working weights: bf16 on a GPU (fp32 masters live in the optimizer, on the CPU); fp32 on a CPU.
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = Qwen2.from_pretrained(load_dir, dtype=dtype, device=self.device)
+        self.model.gradient_checkpointing = self.cfg.grad_checkpointing
+        self.model_dir = model_dir
+        self.ref = None
+        if self.cfg.kl_coef > 0:  # the frozen reference is the starting policy, never the resumed one
+            self.ref = Qwen2.from_pretrained(model_dir, dtype=dtype, device=self.device).eval().requires_grad_(False)
+        self.opt = CPUOffloadAdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr)
+        self.version = 0
+        self.skipped_in_a_row = 0
+        self.last_end = None
+        self.group: CollectiveGroup | None = None
+        if resume_from:
+            self._load_state(Path(resume_from))
+
+    # ------------------------------------------------------------------ weights out
+    def publish(self) -> list:
+        """Pack the current weights once into the object store. -> [ObjectRef] (wrapped in a list
+        so Ray hands the reference on instead of resolving it at every call)."""
+        return [ray.put(pack(self.model, self.version))]
+
+    def weights_digest(self) -> tuple[int, str]:
+        return self.version, digest(self.model)
+
+    def join_group(self, addr: str, port: int, world_size: int, timeout_s: float):
+        self.group = CollectiveGroup(addr, port, 0, world_size, timeout_s)
+
+    def broadcast(self) -> int:
+        return self.group.broadcast(self.model, self.version)
+
+    def node_info(self) -> dict:
+        return {"node": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids(),
+                "device": str(self.device), "ip": ray.util.get_node_ip_address()}
+
+    def free_port(self) -> int:
+        return free_port()
+
+    # ------------------------------------------------------------------ training
+    def _lr(self, step: int) -> float:
+        if self.cfg.warmup_steps > 0 and step < self.cfg.warmup_steps:
+            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
+        return self.cfg.lr
+
+    def _apply_grads(self, lr: float) -> tuple[float, bool]:
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        norm = clip_grad_norm_(params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf"))
+        norm = float(norm)
+        if not math.isfinite(norm):
+            self.opt.zero_grad(set_to_none=True)
+            return norm, False
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm, True
+
+    def train_step(self, table) -> tuple[dict, list]:
+        """One GRPO update on a table of whole groups. -> (metrics, [weights ref of the new version])."""
+        t_start = time.perf_counter()
+        idle = 0.0 if self.last_end is None else t_start - self.last_end
+        cfg, G = self.cfg, self.cfg.group_size
+        table = table.sort_by("group_id")  # arrival order must not change the result
+        sizes = group_sizes(table)
+        if any(s != G for s in sizes):
+            raise ValueError(f"learner got groups of sizes {sorted(set(sizes))}, expected {G}")
+        batch = to_tensors(table, pad_id=0)
+        rewards, versions = batch["rewards"], batch["versions"]
+        adv, zero_var = group_advantages(rewards, G, scale_std=cfg.scale_std)
+        keep = torch.ones_like(rewards, dtype=torch.bool)
+        if cfg.drop_zero_var and cfg.kl_coef == 0 and cfg.entropy_coef == 0:
+            # A zero-variance group has zero advantage: it adds nothing but denominator weight.
+            keep = ~zero_var.repeat_interleave(G)
+        rows = keep.nonzero().squeeze(-1).tolist()
+        mask_all = batch["loss_mask"]
+        tok_den = float(mask_all[rows].sum()) if rows else 1.0
+        seq_den = float(len(rows)) or 1.0
+        sums, n_tok = {}, 0
+        gap_sum, gap_n, gap_on_sum, gap_on_n = 0.0, 0, 0.0, 0
+        use_amp = self.device.type == "cuda"
+        self.model.train()
+        for mb in micro_batches([int(batch["lengths"][i]) for i in rows], cfg.micro_batch_tokens):
+            idx = torch.tensor([rows[i] for i in mb])
+            L = int(batch["lengths"][idx].max())
+            ids = batch["input_ids"][idx, :L].to(self.device)  # (b, L)
+            mask = mask_all[idx, : L - 1].to(self.device)  # (b, L-1)
+            old = batch["old_logprobs"][idx, : L - 1].to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                logits = self.model(ids)[:, :-1]  # (b, L-1, V): position t predicts token t+1
+            logp, ent = token_logprobs(logits, ids[:, 1:], cfg.temperature, with_entropy=True)
+            if cfg.entropy_coef == 0:
+                ent = ent.detach()
+            ref_logp = None
+            if self.ref is not None:
+                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    ref_logp = token_logprobs(self.ref(ids)[:, :-1], ids[:, 1:], cfg.temperature)
+            stale = (versions[idx] < self.version).to(self.device)
+            prox = None
+            if cfg.tis_cap > 0 and bool(stale.any()):
+                prox = logp.detach()  # decoupled PPO: proximal policy = the pre-step learner
+            loss, m = grpo_loss(logp, old, adv[idx].to(self.device), mask.float(), ref_logprobs=ref_logp,
+                                prox_logprobs=prox, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, loss_agg=cfg.loss_agg,
+                                tis_cap=cfg.tis_cap if cfg.tis_cap > 0 else None, entropy=ent,
+                                entropy_coef=cfg.entropy_coef, norm_len=self._max_new(),
+                                token_denominator=tok_den, seq_denominator=seq_den)
+            loss.backward()
+            ntok = int(mask.sum())
+            for k, v in m.items():  # token-weighted average of the micro-batch metrics
+                sums[k] = sums.get(k, 0.0) + float(v) * ntok
+            n_tok += ntok
+            gap = ((logp.detach() - old).abs() * mask)
+            gap_sum, gap_n = gap_sum + float(gap.sum()), gap_n + ntok
+            on = mask & ~stale[:, None]
+            gap_on_sum, gap_on_n = gap_on_sum + float((gap * on).sum()), gap_on_n + int(on.sum())
+        lr = self._lr(self.version)
+        if rows:
+            grad_norm, ok = self._apply_grads(lr)
+        else:
+            grad_norm, ok = 0.0, True
+        skipped = not ok
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        self.version += 1
+        metrics = {k: v / max(n_tok, 1) for k, v in sums.items()}
+        comp_len = (batch["loss_mask"].sum(-1)).float()
+        answers = table.column("reward_answer").to_numpy()
+        metrics.update({
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "success_rate": float((answers == 1.0).mean()),
+            "format_rate": float((table.column("reward_format").to_numpy() > 0).mean()),
+            "response_len": float(comp_len.mean()), "grad_norm": grad_norm, "lr": lr,
+            "zero_var_frac": float(zero_var.float().mean()), "skipped_step": float(skipped),
+            "staleness_mean": float((self.version - 1 - versions).float().mean()),
+            "staleness_max": float((self.version - 1 - versions).max()),
+            "logprob_gap": gap_sum / max(gap_n, 1),
+            "logprob_gap_onpolicy": gap_on_sum / gap_on_n if gap_on_n else float("nan"),
+            "train_tokens": float(n_tok), "learner_idle_s": idle, "version": self.version,
+            "skipped_in_a_row": self.skipped_in_a_row,
+        })
+        weights = self.publish()
+        self.last_end = time.perf_counter()
+        metrics["train_seconds"] = self.last_end - t_start
+        return metrics, weights
+
+    def _max_new(self) -> int:
+        return self.cfg.max_new_tokens or 256
+
+    def sft(self, sequences: list[tuple[list[int], list[int]]], steps: int, batch_size: int, lr: float,
+            seed: int) -> dict:
+        """Supervised warm start: cross-entropy on the completion part of (prompt, completion) pairs.
+        Uses a throwaway optimizer so GRPO starts with fresh Adam moments."""
+        rng = random.Random(seed)
+        opt = CPUOffloadAdamW(param_groups(self.model, 0.0), lr=lr)
+        self.model.train()
+        losses = []
+        for s in range(steps):
+            picks = [sequences[rng.randrange(len(sequences))] for _ in range(batch_size)]
+            L = max(len(p) + len(c) for p, c in picks)
+            ids = torch.zeros(batch_size, L, dtype=torch.long)
+            tgt_mask = torch.zeros(batch_size, L - 1)
+            for i, (p, c) in enumerate(picks):
+                ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+                tgt_mask[i, len(p) - 1: len(p) + len(c) - 1] = 1
+            ids, tgt_mask = ids.to(self.device), tgt_mask.to(self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                logits = self.model(ids)[:, :-1]
+            logp = token_logprobs(logits, ids[:, 1:])
+            loss = -(logp * tgt_mask).sum() / tgt_mask.sum()
+            loss.backward()
+            for g in opt.param_groups:  # cosine decay keeps the end of the warm start stable
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * s / steps))
+            clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        return {"sft_loss_first": losses[0] if losses else float("nan"),
+                "sft_loss_last": float(np.mean(losses[-10:])) if losses else float("nan")}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str, run_state: dict) -> str:
+        """Write model (HF format), tokenizer, optimizer and run state into `path` atomically:
+        everything goes to a temp dir that is renamed into place, then the manifest marks it complete."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        for f in TOKENIZER_FILES:
+            if (Path(self.model_dir) / f).is_file():
+                shutil.copy2(Path(self.model_dir) / f, tmp / f)
+        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state().tolist(), "python": list(random.getstate()[1]),
+               "numpy_seed_note": "numpy RNG is not used by the learner"}
+        state = {**run_state, "version": self.version, "skipped_in_a_row": self.skipped_in_a_row, "rng": rng}
+        (tmp / "state.json").write_text(json.dumps(state))
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / "MANIFEST.json").write_text(json.dumps({"complete": True, "files": files, "step": run_state.get("step")}))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        return str(path)
+
+    def _load_state(self, path: Path):
+        state = json.loads((path / "state.json").read_text())
+        self.version = int(state["version"])
+        self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        self.opt.load_state_dict(opt_state)
+        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+
+    def state(self) -> dict:
+        return {"version": self.version, "skipped_in_a_row": self.skipped_in_a_row}

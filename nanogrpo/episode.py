@@ -1,0 +1,74 @@
+"""The episode schema: one Arrow row per completion, one RecordBatch per group.
+
+Every row carries what the learner needs to train on it and to audit it: the token ids, the
+sampler's per-token log-probs (the behaviour policy for the importance ratio), the reward parts,
+and the policy version that produced it (to bound staleness and to check weight sync).
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+SCHEMA = pa.schema([
+    ("group_id", pa.int64()),          # unique per (step, prompt slot); rows of a group share it
+    ("step", pa.int64()),              # learner step the group was produced for
+    ("example_index", pa.int64()),     # index into the task's train list
+    ("sample_index", pa.int32()),      # 0..G-1 within the group
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("completion_ids", pa.list_(pa.int32())),
+    ("logprobs", pa.list_(pa.float32())),  # sampler log-probs of completion_ids
+    ("response", pa.string()),         # decoded completion (with the task's response prefix)
+    ("reward", pa.float32()),          # total reward
+    ("reward_format", pa.float32()),
+    ("reward_answer", pa.float32()),   # 1.0 = solved
+    ("finish_reason", pa.string()),    # stop | length
+    ("policy_version", pa.int64()),    # learner version whose weights sampled this row
+    ("worker_id", pa.int32()),
+    ("gen_seconds", pa.float32()),     # wall time of the rollout call that made the group
+    ("created_at", pa.float64()),      # unix time the group was finished
+])
+
+
+def group_batch(rows: list[dict]) -> pa.RecordBatch:
+    """Rows (dicts with SCHEMA's keys) of one group -> a RecordBatch, validated against SCHEMA."""
+    return pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
+
+
+def group_sizes(table: pa.Table) -> list[int]:
+    """Rows per group, in table order (groups are stored contiguously)."""
+    gid = table.column("group_id").to_pylist()
+    sizes, prev = [], None
+    for g in gid:
+        if g != prev:
+            sizes.append(0)
+            prev = g
+        sizes[-1] += 1
+    return sizes
+
+
+def to_tensors(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded training tensors for a table of episodes.
+
+    input_ids (N, L): prompt + completion; loss_mask (N, L-1) marks the positions whose *next*
+    token is a completion token; old_logprobs (N, L-1) sit at those positions too.
+    """
+    prompts = table.column("prompt_ids").to_pylist()
+    comps = table.column("completion_ids").to_pylist()
+    logps = table.column("logprobs").to_pylist()
+    N = len(prompts)
+    L = max(len(p) + len(c) for p, c in zip(prompts, comps))
+    ids = torch.full((N, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(N, L - 1, dtype=torch.bool)
+    old = torch.zeros(N, L - 1, dtype=torch.float32)
+    for i, (p, c, lp) in enumerate(zip(prompts, comps, logps)):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c, dtype=torch.long)
+        mask[i, len(p) - 1: len(p) - 1 + len(c)] = True
+        old[i, len(p) - 1: len(p) - 1 + len(c)] = torch.tensor(lp, dtype=torch.float32)
+    return {
+        "input_ids": ids,
+        "loss_mask": mask,
+        "old_logprobs": old,
+        "rewards": torch.tensor(table.column("reward").to_pylist(), dtype=torch.float32),
+        "versions": torch.tensor(table.column("policy_version").to_pylist(), dtype=torch.long),
+        "lengths": torch.tensor([len(p) + len(c) for p, c in zip(prompts, comps)], dtype=torch.long),
+    }

@@ -1,0 +1,147 @@
+"""The run configuration: one dataclass whose fields are launch.py's flags.
+
+Each field's `help` is the flag's --help text, so the two cannot drift apart. `validate()` turns a
+bad combination into one clear error before any work (or any file write) starts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+def opt(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunConfig:
+    # --- what to train
+    model: str = opt("tiny", "HF checkpoint directory (config.json + model.safetensors + tokenizer files), "
+                     "or 'tiny' for the built-in tiny Qwen2 and character tokenizer")
+    task: str = opt("arithmetic", "task: arithmetic (built-in, tiny model) | countdown | gsm8k | module:function")
+    data: str | None = opt(None, "task data file (countdown: parquet, gsm8k: jsonl); none = built-in/procedural")
+    on_bad_row: str = opt("error", "a malformed data row: 'error' stops with its index, 'skip' skips it",
+                          choices=("error", "skip"))
+    num_test: int | None = opt(None, "held-out prompts for greedy pass@1 eval (default: the task's own)")
+    # --- GRPO
+    steps: int = opt(150, "learner steps (policy updates)")
+    group_size: int = opt(8, "completions sampled per prompt (the GRPO group, G >= 2)")
+    prompts_per_step: int = opt(32, "prompts (groups) consumed per learner step")
+    lr: float = opt(5e-4, "AdamW learning rate")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay (not applied to biases and norms)")
+    warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    temperature: float = opt(1.0, "sampling temperature for rollouts (the learner scores with the same)")
+    top_p: float = opt(1.0, "nucleus sampling for rollouts (1 = off)")
+    top_k: int = opt(0, "top-k sampling for rollouts (0 = off)")
+    max_new_tokens: int | None = opt(None, "completion budget (default: the task's own)")
+    kl_coef: float = opt(0.0, "KL penalty to the frozen initial policy (0 = no reference model is kept)")
+    kl_estimator: str = opt("k3", "KL estimator (Schulman): k1 | k2 | k3", choices=("k1", "k2", "k3"))
+    clip_low: float = opt(0.2, "PPO clip range below 1 (ratio >= 1 - clip_low)")
+    clip_high: float = opt(0.28, "PPO clip range above 1 (DAPO clip-higher; = clip_low for symmetric)")
+    loss_agg: str = opt("token-mean", "loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm",
+                        choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+    scale_std: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
+    drop_zero_var: bool = opt(True, "skip groups whose rewards are all equal (no signal; DAPO dynamic sampling)")
+    entropy_coef: float = opt(0.0, "entropy bonus coefficient (0 = report entropy only)")
+    tis_cap: float = opt(2.0, "cap of the truncated importance weight for stale episodes (decoupled PPO)")
+    micro_batch_tokens: int = opt(16384, "token budget of one learner micro-batch (rows x padded length)")
+    grad_checkpointing: bool = opt(False, "recompute activations layer by layer in backward (saves memory)")
+    sft_steps: int = opt(-1, "supervised warm-start steps on task solutions before GRPO "
+                         "(-1 = auto: 300 for the built-in tiny run, else 0)")
+    sft_lr: float = opt(2e-3, "learning rate of the supervised warm start")
+    # --- system
+    num_rollout_workers: int = opt(2, "Ray rollout actors")
+    gpus_per_worker: float = opt(0.0, "GPUs per rollout worker (fractions allowed; 0 on a CPU-only cluster)")
+    learner_gpus: float = opt(-1, "GPUs for the learner (-1 = 1 when the cluster has a GPU, else 0)")
+    threads_per_worker: int = opt(1, "torch CPU threads per rollout worker (keeps workers from oversubscribing cores)")
+    learner_threads: int = opt(0, "torch CPU threads for the learner (0 = the cores left over)")
+    max_staleness: int = opt(1, "k: consume groups made by a policy at most k versions old (0 = synchronous)")
+    rollout_batch: int = opt(0, "prompts per rollout call (0 = prompts_per_step / num_rollout_workers)")
+    buffer_capacity: int = opt(0, "episode buffer capacity in groups (0 = 4 x prompts_per_step)")
+    weight_sync: str = opt("object-store", "how weights reach workers: object-store (ray.put) | collective "
+                           "(torch.distributed: NCCL on GPU, gloo on CPU)", choices=("object-store", "collective"))
+    sync_timeout: float = opt(120.0, "seconds any remote wait (weight sync, buffer take) may take before failing")
+    address: str | None = opt(None, "Ray cluster address ('auto' inside one); default: start a local cluster")
+    # --- bookkeeping
+    eval_every: int = opt(10, "greedy pass@1 on the held-out prompts every N steps (0 = only at the end)")
+    save_every: int = opt(50, "checkpoint every N steps (and always at the end)")
+    keep_last: int = opt(2, "checkpoints to keep")
+    out: str | None = opt(None, "run directory (default: runs/<task>-<time>)")
+    resume: str | None = opt(None, "continue the run in this run directory from its last checkpoint")
+    seed: int = opt(0, "seed for data order, sampling and initialisation")
+    quiet: bool = opt(False, "no per-step progress lines")
+
+    def validate(self, cluster_gpus: float | None = None):
+        def bad(name, msg):
+            raise ValueError(f"--{name.replace('_', '-')}: {msg}")
+        if self.group_size < 2:
+            bad("group_size", f"must be >= 2 (group-normalised advantages need a group), got {self.group_size}")
+        for name in ("steps", "prompts_per_step", "num_rollout_workers", "threads_per_worker",
+                     "micro_batch_tokens"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_staleness < 0:
+            bad("max_staleness", f"must be >= 0, got {self.max_staleness}")
+        if self.lr <= 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if self.temperature <= 0:
+            bad("temperature", f"rollouts must sample (> 0), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.kl_coef < 0:
+            bad("kl_coef", f"must be >= 0, got {self.kl_coef}")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            bad("clip_low", f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.gpus_per_worker < 0:
+            bad("gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        if self.eval_every < 0 or self.save_every < 0 or self.keep_last < 1:
+            bad("eval_every", "eval_every and save_every must be >= 0 and keep_last >= 1")
+        if cluster_gpus is not None:
+            need = self.gpus_per_worker * self.num_rollout_workers + max(self.learner_gpus, 0)
+            if need > cluster_gpus + 1e-9:
+                bad("gpus_per_worker", f"the run needs {need:g} GPUs ({self.num_rollout_workers} workers x "
+                    f"{self.gpus_per_worker:g} + learner {max(self.learner_gpus, 0):g}) but the cluster has "
+                    f"{cluster_gpus:g}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "RunConfig":
+        d = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(RunConfig):
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        typ = int if kind.startswith("int") else float if kind.startswith("float") else (
+            _bool if kind == "bool" else str)
+        kw = {"default": f.default, "help": f.metadata["help"], "type": typ}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if typ is _bool:
+            kw["metavar"] = "{true,false}"
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kw)
+    return p
+
+
+def parse_args(argv=None, description: str = "") -> tuple[RunConfig, set[str]]:
+    """-> (config, names of the flags the user set explicitly)."""
+    p = build_parser(description)
+    ns = p.parse_args(argv)
+    given = {k for k, v in vars(ns).items() if v != p.get_default(k)}
+    return RunConfig(**vars(ns)), given
