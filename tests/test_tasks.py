@@ -186,10 +186,11 @@ def test_arithmetic_solutions_and_vocabulary():
 
 
 @pytest.mark.parametrize("response,fmt,ans,total", [
-    ("(3+5)*7", 1, 1, 1.3),
-    (" (3 + 5) * 7 ", 1, 1, 1.3),
-    ("3+5+7", 1, 0, 0.3),        # right numbers, wrong value: partial credit
-    ("7*(5+3)", 1, 1, 1.3),
+    ("(3+5)*7", 1, 1, 1.5),
+    (" (3 + 5) * 7 ", 1, 1, 1.5),
+    ("3+5+7", 1, 0, 0.2 + 0.3 * 15 / 56),  # right numbers, wrong value: credit for closeness
+    ("3*7+5", 1, 0, 0.2 + 0.3 * 26 / 56),  # closer to 56, more credit
+    ("7*(5+3)", 1, 1, 1.5),
     ("3+5", 1, 0, 0.1),          # parses, wrong numbers
     ("8*7", 1, 0, 0.1),
     ("(3+5)*7=", 0, 0, 0.0),

@@ -13,11 +13,15 @@ stored "solution" is the first one found in enumeration order (ascending digits,
 written with the fewest parentheses, as supervised warm-start text.
 
 Reward (answer dominates; partial credit gives GRPO a gradient before the first exact solve):
-    total = 0.1 * format + 0.2 * numbers + 1.0 * answer
-format  = the response parses as an expression over digits, + - * / ( ) (no unary minus);
-numbers = it uses exactly the three given digits (multiset) — folded into total only, so every
-          task returns the same three keys;
-answer  = numbers and the exact value equals the target.
+    total = 0.1 * format + 0.1 * numbers + 0.3 * closeness + 1.0 * answer
+format    = the response parses as an expression over digits, + - * / ( ) (no unary minus);
+numbers   = it uses exactly the three given digits (multiset);
+closeness = numbers * max(0, 1 - |value - target| / target): how near a well-formed attempt lands;
+answer    = numbers and the exact value equals the target.
+numbers and closeness are folded into total only, so every task returns the same three keys.
+Credit for the right digits alone is kept small on purpose: when it was 0.2 with no closeness
+term, GRPO collapsed onto "a+b+c" (always well-formed, right digits, often wrong) within ~40
+steps; closeness instead rewards attempts that move toward the target.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from itertools import product
 from nanogrpo.tasks.safe_expr import check_expression, uses_exactly
 
 FORMAT_WEIGHT = 0.1
-NUMBERS_WEIGHT = 0.2
+NUMBERS_WEIGHT = 0.1
+CLOSENESS_WEIGHT = 0.3
 ANSWER_WEIGHT = 1.0
 MAX_NEW_TOKENS = 16     # longest solution "(9+9)*9" is 7 characters + EOS
 NUM_TEST = 256          # held-out problems (the pool has a few thousand)
@@ -80,7 +85,10 @@ def score(response: str, nums, target) -> dict:
     fmt = 1.0 if r.ok else 0.0
     numbers = 1.0 if uses_exactly(r, nums) else 0.0
     answer = 1.0 if numbers and r.value is not None and r.value == target else 0.0
-    total = FORMAT_WEIGHT * fmt + NUMBERS_WEIGHT * numbers + ANSWER_WEIGHT * answer
+    close = 0.0
+    if numbers and r.value is not None:
+        close = max(0.0, 1.0 - float(abs(r.value - target)) / max(abs(target), 1))
+    total = FORMAT_WEIGHT * fmt + NUMBERS_WEIGHT * numbers + CLOSENESS_WEIGHT * close + ANSWER_WEIGHT * answer
     return {"format": fmt, "answer": answer, "total": total}
 
 

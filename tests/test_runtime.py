@@ -1,0 +1,133 @@
+"""Ray actors in one local cluster: the episode buffer, weight packing and the gloo broadcast."""
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from actors.buffer import EpisodeBuffer
+from nanogrpo.episode import SCHEMA, group_batch
+from nanogrpo.model import Qwen2
+from nanogrpo.weights import CollectiveGroup, digest, pack, unpack_into
+
+TINY = {"model_type": "qwen2", "vocab_size": 32, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_group(gid: int, version: int, G: int = 2):
+    rows = [{"group_id": gid, "step": gid, "example_index": gid, "sample_index": i, "prompt_ids": [1, 2],
+             "completion_ids": [3, 4, 5], "logprobs": [-0.1, -0.2, -0.3], "response": "x", "reward": float(i),
+             "reward_format": 1.0, "reward_answer": 0.0, "finish_reason": "stop", "policy_version": version,
+             "worker_id": 0, "gen_seconds": 0.1, "created_at": time.time()} for i in range(G)]
+    return group_batch(rows)
+
+
+def test_buffer_take_respects_min_version_and_counts(local_ray, tmp_path):
+    """Guards against the learner training on too-stale groups, and against accounting that stops
+    balancing (produced = consumed + dropped + buffered) when stale groups are dropped."""
+    buf = EpisodeBuffer.remote(16, str(tmp_path / "episodes"), None, 1)
+    ray.get(buf.put.remote([make_group(0, 0), make_group(1, 1), make_group(2, 2), make_group(3, 2)]))
+    table = ray.get(buf.take.remote(2, 2, 5.0))
+    assert table.schema.equals(SCHEMA)
+    assert set(table.column("policy_version").to_pylist()) == {2}
+    s = ray.get(buf.stats.remote())
+    assert (s["produced"], s["consumed"], s["dropped"], s["in_buffer"]) == (4, 2, 2, 0)
+    assert s["produced"] == s["consumed"] + s["dropped"] + s["in_buffer"]
+    ray.get(buf.flush.remote())
+    log = pq.read_table(tmp_path / "episodes")
+    assert log.num_rows == 8 and log.schema.equals(SCHEMA)
+    assert sorted(set(log.column("group_id").to_pylist())) == [0, 1, 2, 3]
+
+
+def test_buffer_take_waits_for_data_and_times_out(local_ray):
+    """Guards against a take that returns short batches, or hangs forever when workers are dead."""
+    buf = EpisodeBuffer.remote(16)
+    ref = buf.take.remote(2, 0, 10.0)
+    time.sleep(0.3)
+    ray.get(buf.put.remote([make_group(0, 0)]))
+    assert ray.wait([ref], timeout=0.5)[0] == []  # still waiting for the second group
+    ray.get(buf.put.remote([make_group(1, 0)]))
+    assert ray.get(ref, timeout=10).num_rows == 4
+    with pytest.raises(ray.exceptions.RayTaskError, match="waited 1s for 1 groups"):
+        ray.get(buf.take.remote(1, 0, 1.0))
+
+
+def test_buffer_backpressure(local_ray):
+    """Guards against unbounded memory growth: a put into a full buffer waits, then fails clearly."""
+    buf = EpisodeBuffer.remote(2)
+    ray.get(buf.put.remote([make_group(0, 0), make_group(1, 0)]))
+    with pytest.raises(ray.exceptions.RayTaskError, match="buffer stayed full"):
+        ray.get(buf.put.remote([make_group(2, 0)], 1.0))
+    pending = buf.put.remote([make_group(3, 0)], 10.0)
+    ray.get(buf.take.remote(1, 0, 5.0))
+    assert ray.get(pending, timeout=10) == 2  # the take made room; the blocked put went through
+
+
+def test_buffer_rejects_wrong_schema(local_ray):
+    """Guards against a worker silently writing rows the learner cannot read."""
+    import pyarrow as pa
+    buf = EpisodeBuffer.remote(4)
+    bad = pa.RecordBatch.from_pylist([{"group_id": 1}])
+    with pytest.raises(ray.exceptions.RayTaskError, match="declared schema"):
+        ray.get(buf.put.remote([bad]))
+
+
+def test_pack_unpack_is_bitwise_and_one_buffer_per_dtype():
+    """Guards against a weight sync that loses bits (dtype casts, tied weights) or puts one object
+    per tensor."""
+    src = Qwen2.from_config(TINY, seed=1)
+    dst = Qwen2.from_config(TINY, seed=2)
+    assert digest(src) != digest(dst)
+    packed = pack(src, version=7)
+    assert list(packed.buffers) == ["float32"]
+    unpack_into(dst, packed)
+    assert digest(src) == digest(dst)
+    src16, dst16 = Qwen2.from_config(TINY, seed=1).to(torch.bfloat16), Qwen2.from_config(TINY, seed=3).to(torch.bfloat16)
+    unpack_into(dst16, pack(src16, 1))
+    assert digest(src16) == digest(dst16)
+
+
+@ray.remote
+class Peer:
+    def __init__(self, seed):
+        torch.set_num_threads(1)
+        self.model = Qwen2.from_config(TINY, seed=seed)
+
+    def ip_port(self):
+        from learner.broadcast import free_port
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, addr, port, rank, world, timeout):
+        self.group = CollectiveGroup(addr, port, rank, world, timeout, backend="gloo")
+
+    def broadcast(self, version):
+        t0 = time.perf_counter()
+        try:
+            return self.group.broadcast(self.model, version), time.perf_counter() - t0, None
+        except RuntimeError as e:  # gloo reports a timed-out collective as RuntimeError
+            return None, time.perf_counter() - t0, str(e)
+
+    def digest(self):
+        return digest(self.model)
+
+
+def test_gloo_broadcast_bitwise_then_timeout(local_ray):
+    """Guards against a collective sync that delivers wrong bytes, and against one that hangs
+    forever when a peer never answers (it must raise within its timeout)."""
+    sender, receiver = Peer.remote(1), Peer.remote(2)
+    addr, port = ray.get(sender.ip_port.remote())
+    ray.get([sender.join.remote(addr, port, 0, 2, 5.0), receiver.join.remote(addr, port, 1, 2, 5.0)])
+    (v0, _, e0), (v1, _, e1) = ray.get([sender.broadcast.remote(3), receiver.broadcast.remote(-1)])
+    assert e0 is None and e1 is None and v0 == v1 == 3
+    assert ray.get(sender.digest.remote()) == ray.get(receiver.digest.remote())
+    # Now the receiver never calls broadcast: the sender must fail, not hang.
+    v, seconds, err = ray.get(sender.broadcast.remote(4), timeout=60)
+    assert v is None and err and seconds < 30
