@@ -32,6 +32,21 @@ def log(msg: str):
     print(msg, flush=True)
 
 
+class TrainingAborted(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite gradients); checkpoints already written stay."""
+
+
+def get(refs, timeout: float, what: str):
+    """ray.get with a deadline whose error names what was being waited for."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    try:
+        return ray.get(refs, timeout=timeout)
+    except GetTimeoutError:
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (raise --sync-timeout if the "
+                           "work is legitimately slow)") from None
+
+
 # ----------------------------------------------------------------------------- run directory
 def prepare_run_dir(cfg, given: set[str]):
     """Fresh run: create the directory. Resume: reload its config, apply only safe overrides."""
@@ -57,18 +72,6 @@ def prepare_run_dir(cfg, given: set[str]):
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.out = str(run_dir)
     return run_dir, cfg
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose manifest says it was completely written."""
-    good = []
-    for d in sorted((run_dir / "checkpoints").glob("step-*")):
-        try:
-            if json.loads((d / "MANIFEST.json").read_text()).get("complete"):
-                good.append(d)
-        except (OSError, json.JSONDecodeError):
-            continue  # a half-written checkpoint (crash mid-save) is skipped, never loaded
-    return good[-1] if good else None
 
 
 def prepare_model(cfg, run_dir: Path) -> str:
@@ -97,6 +100,19 @@ def example_index(pos: int, n: int, seed: int, _cache={}) -> int:
         _cache.clear()
         _cache[(seed, epoch, n)] = perm
     return _cache[(seed, epoch, n)][pos % n]
+
+
+def check_reachable(address: str, timeout: float = 5.0):
+    """Fail fast on a host:port nobody listens on; ray.init would otherwise retry for minutes."""
+    import socket
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"--address: cannot connect to a Ray cluster at {address!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -142,14 +158,13 @@ def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from
     from actors.buffer import EpisodeBuffer
     from actors.rollout import RolloutWorker
     from learner.learner import Learner
+    from nanogrpo.checkpoint import read_dir_files
 
     W = cfg.num_rollout_workers
     n_gpu = ray.cluster_resources().get("GPU", 0)
     learner_gpus = (1 if n_gpu >= 1 else 0) if cfg.learner_gpus < 0 else cfg.learner_gpus
     cfg.learner_gpus = learner_gpus
     cfg.validate(cluster_gpus=n_gpu)
-    cores = os.cpu_count() or 1
-    learner_threads = cfg.learner_threads or max(1, cores - W * cfg.threads_per_worker)
 
     def bundle(cpus, gpus):
         return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
@@ -166,16 +181,22 @@ def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from
     def on(i):
         return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
 
+    where = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+    colocated = sum(cfg.threads_per_worker for i in range(1, W + 1) if where[i] == where[0])
+    # Small models travel with the actors, so nodes that cannot see the driver's disk still load them.
+    files = read_dir_files(model_dir, 1 << 30)
+    model_files = [ray.put(files) if files is not None else None]
+
     buffer = EpisodeBuffer.options(max_concurrency=1000).remote(
         cfg.buffer_capacity or 4 * cfg.prompts_per_step, str(run_dir / "episodes"), counters)
     learner = Learner.options(num_cpus=1, num_gpus=learner_gpus, scheduling_strategy=on(0)).remote(
-        vars(cfg), model_dir, learner_threads, resume_from)
+        vars(cfg), model_dir, cfg.learner_threads, resume_from, model_files, colocated)
     sampling = {"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "top_k": cfg.top_k, "top_p": cfg.top_p}
     workers = [RolloutWorker.options(num_cpus=1, num_gpus=cfg.gpus_per_worker, scheduling_strategy=on(i + 1),
                                      max_restarts=-1, max_task_retries=0).remote(
         i, model_dir, cfg.task, cfg.data, cfg.seed, cfg.threads_per_worker, sampling, buffer, cfg.num_test,
-        cfg.sync_timeout) for i in range(W)]
+        cfg.sync_timeout, model_files) for i in range(W)]
     info = ray.get([learner.node_info.remote()] + [w.ready.remote() for w in workers], timeout=cfg.sync_timeout * 2)
     return pg, buffer, learner, workers, info
 
@@ -187,6 +208,7 @@ def run(cfg, given: set[str]) -> Path:
 
     from actors.rollout import prompt_ids
     from learner.broadcast import CollectiveSync, ObjectStoreSync
+    from nanogrpo.checkpoint import latest_run_checkpoint
     from nanogrpo.tasks import load_task
     from nanogrpo.tokenizer import Tokenizer
 
@@ -195,7 +217,7 @@ def run(cfg, given: set[str]) -> Path:
     # Everything that can be wrong with the inputs fails here, before Ray starts or files are written.
     task = load_task(cfg.task, cfg.data, seed=cfg.seed, num_test=cfg.num_test, on_bad_row=cfg.on_bad_row)
     cfg.max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    ckpt = latest_run_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
     model_dir = prepare_model(cfg, run_dir) if not cfg.resume else json.loads((run_dir / "run.json").read_text())["model_dir"]
@@ -207,6 +229,7 @@ def run(cfg, given: set[str]) -> Path:
     start_step = int(state.get("step", 0))
 
     if cfg.address:
+        check_reachable(cfg.address)
         try:
             ray.init(address=cfg.address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -219,7 +242,8 @@ def run(cfg, given: set[str]) -> Path:
     log(f"learner on {info[0]['device']} (node {info[0]['node'][:8]}), {len(workers)} rollout workers on "
         f"{', '.join(i['device'] + '@' + i['node'][:8] for i in info[1:])}")
     metrics_log = MetricsLog(run_dir, start_step if ckpt else None)
-    W, B, G, k = len(workers), cfg.prompts_per_step, cfg.group_size, cfg.max_staleness
+    W, B, k = len(workers), cfg.prompts_per_step, cfg.max_staleness
+    pids = [i["pid"] for i in info[1:]]  # a changed pid means Ray restarted that worker
     n_train = len(task.train)
 
     # Supervised warm start (fresh runs only), then the first published weights.
@@ -228,11 +252,12 @@ def run(cfg, given: set[str]) -> Path:
         eos = tok.eos_token_id
         seqs = [(prompt_ids(tok, task, ex), tok.encode(ex["solution"]) + [eos]) for ex in task.train]
         t0 = time.perf_counter()
-        sft = ray.get(learner.sft.remote(seqs, sft_steps, 64, cfg.sft_lr, cfg.seed))
+        sft = get(learner.sft.remote(seqs, sft_steps, 64, cfg.sft_lr, cfg.seed), cfg.sync_timeout + 2.0 * sft_steps,
+                  "the learner's supervised warm start")
         log(f"supervised warm start: {sft_steps} steps in {time.perf_counter() - t0:.1f}s, "
             f"loss {sft['sft_loss_first']:.3f} -> {sft['sft_loss_last']:.3f}")
-    weights = ray.get(learner.publish.remote())
-    version = ray.get(learner.state.remote())["version"]
+    weights = get(learner.publish.remote(), cfg.sync_timeout, "the learner to publish its weights")
+    version = get(learner.state.remote(), cfg.sync_timeout, "the learner's state")["version"]
     sync = CollectiveSync(learner, workers, cfg.sync_timeout) if cfg.weight_sync == "collective" else \
         ObjectStoreSync(learner, workers)
     if sync.mode == "collective":
@@ -241,16 +266,16 @@ def run(cfg, given: set[str]) -> Path:
     def evaluate() -> float:
         idx = list(range(len(task.test)))
         chunks = [idx[i::W] for i in range(W)]
-        res = ray.get([w.evaluate.remote(c, sync.ref_for(weights), version) for w, c in zip(workers, chunks) if c],
-                      timeout=cfg.sync_timeout * 4)
+        res = get([w.evaluate.remote(c, sync.ref_for(weights), version) for w, c in zip(workers, chunks) if c],
+                  cfg.sync_timeout * 4, "held-out evaluation on the rollout workers")
         flat = [x for r in res for x in r]
         return sum(flat) / max(len(flat), 1)
 
     def save(step: int) -> Path:
-        counters = ray.get(buffer.checkpoint_state.remote())
+        counters = get(buffer.checkpoint_state.remote(), cfg.sync_timeout, "the episode buffer's counters")
         path = run_dir / "checkpoints" / f"step-{step:06d}"
-        ray.get(learner.save.remote(str(path), {"step": step, "buffer": counters, "worker_restarts": restarts}),
-                timeout=cfg.sync_timeout * 4)
+        get(learner.save.remote(str(path), {"step": step, "buffer": counters, "worker_restarts": restarts}),
+            cfg.sync_timeout * 4, f"the learner to write checkpoint {path}")
         done = sorted((run_dir / "checkpoints").glob("step-*"))
         for old in done[: -cfg.keep_last]:
             import shutil
@@ -269,6 +294,9 @@ def run(cfg, given: set[str]) -> Path:
     step, dispatch_step = start_step, start_step
     queue: collections.deque = collections.deque()
     in_flight: dict = {}
+    started: dict = {}  # rollout ref -> dispatch time, to spot stalled workers
+    stalled: set = set()
+    last_progress = time.perf_counter()
     idle = list(range(W))
     step_ref = None
     window = {"gen": 0.0, "sync": 0.0, "tokens": 0, "t0": time.perf_counter()}
@@ -287,33 +315,50 @@ def run(cfg, given: set[str]) -> Path:
             while idle and queue:
                 w = idle.pop(0)
                 work = queue.popleft()
-                in_flight[workers[w].rollout.remote(work, sync.ref_for(weights), version)] = (w, work)
+                r = workers[w].rollout.remote(work, sync.ref_for(weights), version)
+                in_flight[r], started[r] = (w, work), time.perf_counter()
             # 2. The learner's next step waits (inside the buffer, not here) for B fresh groups.
             if step_ref is None:
                 take = buffer.take.remote(B, max(0, step - k), cfg.sync_timeout)
                 step_ref = learner.train_step.remote(take)
-            ready, _ = ray.wait(list(in_flight) + [step_ref], num_returns=1, timeout=cfg.sync_timeout)
+            ready, _ = ray.wait(list(in_flight) + [step_ref], num_returns=1, timeout=min(5.0, cfg.sync_timeout))
             if not ready:
-                raise TimeoutError(f"nothing finished for {cfg.sync_timeout:.0f}s: learner step {step} and "
-                                   f"{len(in_flight)} rollout calls pending")
+                now = time.perf_counter()
+                for r, (w, work) in in_flight.items():
+                    if now - started[r] > cfg.sync_timeout and w not in stalled:
+                        # A stalled worker is replaced, not waited on: kill it, Ray restarts it, and its call
+                        # fails with RayActorError, which re-issues the prompts below.
+                        log(f"rollout worker {w} stalled for {now - started[r]:.0f}s on {len(work)} prompts; restarting it")
+                        stalled.add(w)
+                        ray.kill(workers[w], no_restart=False)
+                if now - last_progress > cfg.sync_timeout * 2:
+                    raise TimeoutError(f"no progress for {now - last_progress:.0f}s: learner step {step + 1} waits "
+                                       f"for {B} groups and {len(in_flight)} rollout calls are pending")
+                continue
+            last_progress = time.perf_counter()
             ref = ready[0]
             if ref in in_flight:
                 w, work = in_flight.pop(ref)
+                started.pop(ref, None)
+                stalled.discard(w)
                 try:
                     st = ray.get(ref)
                     window["gen"] += st["gen_seconds"]
                     window["sync"] += st["sync_seconds"]
                     window["tokens"] += st["tokens"]
+                    if st["pid"] != pids[w]:  # died while idle; Ray restarted it and it loaded the latest weights
+                        pids[w] = st["pid"]
+                        restarts += 1
+                        log(f"rollout worker {w} was restarted (pid {st['pid']}); restarts so far: {restarts}")
                 except RayActorError as e:
-                    # The worker died (Ray restarts it; it reloads the latest weights on its next call).
-                    restarts += 1
+                    # Died mid-call: Ray restarts the actor (max_restarts=-1); the new process starts at
+                    # version -1, so its next call loads the latest published weights before generating.
                     queue.appendleft(work)
-                    log(f"rollout worker {w} died ({type(e).__name__}); restart #{restarts}, re-issuing "
-                        f"{len(work)} prompts")
+                    log(f"rollout worker {w} died ({type(e).__name__}); re-issuing its {len(work)} prompts")
                 idle.append(w)
                 continue
             # The learner finished a step.
-            metrics, weights = ray.get(ref)
+            metrics, weights = get(ref, cfg.sync_timeout, f"learner step {step + 1}")
             step_ref = None
             step += 1
             version = metrics["version"]
@@ -321,14 +366,14 @@ def run(cfg, given: set[str]) -> Path:
                 # A worker busy generating cannot receive: let in-flight calls finish, then broadcast.
                 for r in list(in_flight):
                     w, _ = in_flight.pop(r)
-                    st = ray.get(r, timeout=cfg.sync_timeout)
+                    st = get(r, cfg.sync_timeout, f"rollout worker {w} to finish before the weight broadcast")
                     window["gen"] += st["gen_seconds"]
                     window["tokens"] += st["tokens"]
                     idle.append(w)
                 window["sync"] += sync.after_step(workers, cfg.sync_timeout)
             if metrics.get("skipped_step"):
                 log(f"step {step}: non-finite loss or gradient, update skipped ({int(metrics['skipped_step'])})")
-            bstats = ray.get(buffer.stats.remote())
+            bstats = get(buffer.stats.remote(), cfg.sync_timeout, "the episode buffer's stats")
             now = time.perf_counter()
             row = {**metrics, "step": step, "time_step": now - window["t0"], "time_generate": window["gen"],
                    "time_train": metrics["train_seconds"], "time_sync": window["sync"],
@@ -347,9 +392,10 @@ def run(cfg, given: set[str]) -> Path:
                 log(f"step {step}/{cfg.steps} | reward {row['reward_mean']:.3f} | success {row['success_rate']:.3f}{ev} "
                     f"| kl {row.get('kl', 0):.4f} | ent {row.get('entropy', 0):.3f} | len {row['response_len']:.1f} "
                     f"| stale {row['staleness_mean']:.2f} | gap {row['logprob_gap']:.2e} | {row['time_step']:.2f}s")
-            if metrics.get("skipped_in_a_row", 0) >= 5:
-                raise RuntimeError(f"{int(metrics['skipped_in_a_row'])} consecutive steps had a non-finite loss or "
-                                   "gradient; stopping (lower --lr or check the data)")
+            if metrics.get("skipped_in_a_row", 0) >= cfg.max_skipped_steps:
+                raise TrainingAborted(f"{int(metrics['skipped_in_a_row'])} consecutive steps had a non-finite loss or "
+                                      "gradient (weights left untouched); stopping. Lower --lr or check the data; "
+                                      "the last checkpoint is intact")
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 save(step)
     except KeyboardInterrupt:
@@ -364,8 +410,8 @@ def run(cfg, given: set[str]) -> Path:
     if step_ref is not None:
         ray.cancel(step_ref, force=False)
     ckpt_path = save(step)
-    ray.get(buffer.flush.remote())
-    bstats = ray.get(buffer.stats.remote())
+    get(buffer.flush.remote(), cfg.sync_timeout, "the episode buffer to flush its log")
+    bstats = get(buffer.stats.remote(), cfg.sync_timeout, "the episode buffer's stats")
     wall = time.perf_counter() - t_run
 
     from nanogrpo.plot import plot_run
@@ -402,6 +448,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingAborted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import ray
 import torch
 
+from nanogrpo.checkpoint import local_model_dir
 from nanogrpo.episode import group_batch
 from nanogrpo.generate import generate
 from nanogrpo.model import Qwen2
@@ -40,8 +42,11 @@ def prompt_ids(tok: Tokenizer, task, example: dict) -> list[int]:
 @ray.remote
 class RolloutWorker:
     def __init__(self, worker_id: int, model_dir: str, task_spec: str, task_data: str | None, seed: int,
-                 threads: int, sampling: dict, buffer, num_test: int | None = None, put_timeout: float = 120.0):
+                 threads: int, sampling: dict, buffer, num_test: int | None = None, put_timeout: float = 120.0,
+                 model_files: list | None = None):
         torch.set_num_threads(threads)
+        if not (Path(model_dir) / "config.json").is_file() and model_files and model_files[0] is not None:
+            model_dir = local_model_dir(model_dir, ray.get(model_files[0]))  # node without the driver's files
         os.environ["OMP_NUM_THREADS"] = str(threads)
         self.worker_id = worker_id
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +108,7 @@ class RolloutWorker:
                 n_tokens += len(c.token_ids)
             batches.append(group_batch(rows))
         ray.get(self.buffer.put.remote(batches, timeout=self.put_timeout))
-        return {"worker_id": self.worker_id, "groups": len(work), "tokens": n_tokens, "gen_seconds": gen_s,
+        return {"worker_id": self.worker_id, "pid": os.getpid(), "groups": len(work), "tokens": n_tokens, "gen_seconds": gen_s,
                 "sync_seconds": sync_s, "version": self.version}
 
     def evaluate(self, indices: list[int], weights: list, version: int, split: str = "test") -> list[float]:

@@ -9,11 +9,9 @@ shows up as a number instead of silently training on garbage.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -22,15 +20,13 @@ import ray
 import torch
 
 from learner.broadcast import free_port
+from nanogrpo.checkpoint import load_run_state, local_model_dir, save_run_checkpoint
 from nanogrpo.episode import group_sizes, to_tensors
 from nanogrpo.grpo import group_advantages, grpo_loss, token_logprobs
 from nanogrpo.model import Qwen2
 from nanogrpo.optim import CPUOffloadAdamW, clip_grad_norm_, param_groups
 from nanogrpo.runconfig import RunConfig
 from nanogrpo.weights import CollectiveGroup, digest, pack
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
-
 
 def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     """Row indices grouped into micro-batches of similar length: rows x longest row <= budget
@@ -49,12 +45,16 @@ def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     return out
 
 
-@ray.remote
-class Learner:
-    def __init__(self, cfg: dict, model_dir: str, threads: int, resume_from: str | None = None):
+class LearnerCore:
+    """The learner's state and maths, runnable in-process (tests) or as the `Learner` actor below."""
+
+    def __init__(self, cfg: dict, model_dir: str, threads: int, resume_from: str | None = None,
+                 model_files: list | None = None, colocated_threads: int = 0):
         self.cfg = RunConfig(**cfg)
-        if threads > 0:
-            torch.set_num_threads(threads)
+        # Threads: as asked, else the cores of *this* node that co-located rollout workers leave free.
+        torch.set_num_threads(threads if threads > 0 else max(1, (os.cpu_count() or 1) - colocated_threads))
+        if not (Path(model_dir) / "config.json").is_file() and model_files and model_files[0] is not None:
+            model_dir = local_model_dir(model_dir, ray.get(model_files[0]))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(self.cfg.seed)
         load_dir = resume_from or model_dir
@@ -75,10 +75,10 @@ class Learner:
             self._load_state(Path(resume_from))
 
     # ------------------------------------------------------------------ weights out
-    def publish(self) -> list:
+    def publish(self) -> list | None:
         """Pack the current weights once into the object store. -> [ObjectRef] (wrapped in a list
-        so Ray hands the reference on instead of resolving it at every call)."""
-        return [ray.put(pack(self.model, self.version))]
+        so Ray hands the reference on instead of resolving it at every call); None outside Ray."""
+        return [ray.put(pack(self.model, self.version))] if ray.is_initialized() else None
 
     def weights_digest(self) -> tuple[int, str]:
         return self.version, digest(self.model)
@@ -238,34 +238,20 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str, run_state: dict) -> str:
-        """Write model (HF format), tokenizer, optimizer and run state into `path` atomically:
-        everything goes to a temp dir that is renamed into place, then the manifest marks it complete."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        for f in TOKENIZER_FILES:
-            if (Path(self.model_dir) / f).is_file():
-                shutil.copy2(Path(self.model_dir) / f, tmp / f)
-        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state().tolist(), "python": list(random.getstate()[1]),
-               "numpy_seed_note": "numpy RNG is not used by the learner"}
-        state = {**run_state, "version": self.version, "skipped_in_a_row": self.skipped_in_a_row, "rng": rng}
-        (tmp / "state.json").write_text(json.dumps(state))
-        files = sorted(p.name for p in tmp.iterdir())
-        (tmp / "MANIFEST.json").write_text(json.dumps({"complete": True, "files": files, "step": run_state.get("step")}))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        return str(path)
+        state = {**run_state, "version": self.version, "skipped_in_a_row": self.skipped_in_a_row,
+                 "torch_rng": torch.get_rng_state().tolist()}
+        return str(save_run_checkpoint(path, self.model, self.model_dir, self.opt.state_dict(), state))
 
     def _load_state(self, path: Path):
-        state = json.loads((path / "state.json").read_text())
+        state, opt_state = load_run_state(path)
         self.version = int(state["version"])
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
-        opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         self.opt.load_state_dict(opt_state)
-        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
 
     def state(self) -> dict:
         return {"version": self.version, "skipped_in_a_row": self.skipped_in_a_row}
+
+
+# The actor: one per run, on the placement group's first bundle (1 GPU when the cluster has one).
+Learner = ray.remote(LearnerCore)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -131,3 +132,99 @@ def replace_dir(src: Path, dst: Path):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def read_dir_files(path: str | Path, max_bytes: int) -> dict[str, bytes] | None:
+    """All files of a (flat) model directory as bytes, or None when larger than max_bytes.
+
+    Lets the driver ship a small model (the built-in tiny one, a test model) to actors on other
+    nodes that cannot see its filesystem; large checkpoints must be on every node (or shared storage).
+    """
+    files = [p for p in Path(path).iterdir() if p.is_file()]
+    if sum(p.stat().st_size for p in files) > max_bytes:
+        return None
+    return {p.name: p.read_bytes() for p in files}
+
+
+def local_model_dir(path: str, files: dict[str, bytes] | None) -> str:
+    """`path` if this node can read it, else a private copy written from `files`."""
+    if (Path(path) / "config.json").is_file():
+        return path
+    if files is None:
+        raise FileNotFoundError(f"model directory {path} is not readable on this node and is too large to ship; "
+                                "put it at the same path on every node (or on shared storage)")
+    d = Path(tempfile.mkdtemp(prefix="nanogrpo-model-"))
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return str(d)
+
+
+# ----------------------------------------------------------------------------- run checkpoints
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+MANIFEST = "MANIFEST.json"
+
+
+def save_run_checkpoint(path: str | Path, model, tokenizer_dir: str | Path, optimizer_state: dict,
+                        state: dict) -> Path:
+    """Model (HF layout, loadable by transformers), tokenizer, optimizer and run state, atomically.
+
+    Everything is written into a temp dir beside `path`; the manifest (file sizes) is written last
+    and the dir is renamed into place, so a crash at any point leaves either the previous
+    checkpoint or a stray temp dir, never a half-written checkpoint under a real name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        for f in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / f).is_file():
+                shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
+        # Optimizer state is tensors, ints and floats only: loadable with torch.load(weights_only=True).
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(state))
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"complete": True, "step": state.get("step"), "files": sizes}))
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def check_run_checkpoint(path: str | Path) -> dict:
+    """The manifest of a complete, untruncated checkpoint; else one clear error naming the problem."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} has no {MANIFEST} (incomplete or not a checkpoint)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint {path}/{MANIFEST} is corrupt: {e}") from None
+    for name, size in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {path} is missing {name}")
+        if f.stat().st_size != size:
+            raise ValueError(f"checkpoint file {f} has {f.stat().st_size} bytes, manifest says {size} (truncated?)")
+    return manifest
+
+
+def load_run_state(path: str | Path) -> tuple[dict, dict]:
+    """-> (run state, optimizer state) of a checked checkpoint."""
+    path = Path(path)
+    check_run_checkpoint(path)
+    state = json.loads((path / "state.json").read_text())
+    opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+    return state, opt
+
+
+def latest_run_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint under run_dir/checkpoints that passes `check_run_checkpoint`."""
+    for d in sorted(Path(run_dir, "checkpoints").glob("step-*"), reverse=True):
+        try:
+            check_run_checkpoint(d)
+            return d
+        except (OSError, ValueError):
+            continue  # a damaged checkpoint is skipped; an older intact one is used instead
+    return None

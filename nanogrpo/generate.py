@@ -57,9 +57,65 @@ def sample(logprobs, temperature: float, generator):
     """logprobs (B, V) -> token ids (B,) and their log-probs (B,)."""
     if temperature == 0:
         tokens = logprobs.argmax(-1)
-    else:
-        tokens = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+    return draw(logprobs, generator)
+
+
+BLOCK = 128  # vocabulary block of the two-level inverse-CDF draw; divides 151936 and 128256
+
+
+def draw(x, generator):
+    """Sample from softmax(x) (B, V) fp32 (-inf allowed) -> ids (B,), their log-probs (B,).
+
+    Inverse CDF with one uniform per row, in two levels: pick a block of BLOCK tokens from the
+    block masses, then a token inside it. torch.multinomial instead draws one exponential per
+    vocabulary entry (B x 152k per step for Qwen), which cost more than the rest of a decode step
+    on CPU. A flat fp32 cumsum over 152k entries would be cheap but skews the distribution by up
+    to ~1e-3 in total variation through rounding; per-block sums and an fp64 cumsum within the
+    chosen block keep every token's probability exact to ~1e-7 of its block's mass.
+    """
+    B, V = x.shape
+    m = x.amax(-1, keepdim=True)  # (B, 1)
+    e = (x - m).exp_()  # (B, V) unnormalised probabilities, max 1
+    nb = -(-V // BLOCK)
+    if nb * BLOCK != V:
+        e = torch.nn.functional.pad(e, (0, nb * BLOCK - V))
+    e = e.view(B, nb, BLOCK)
+    block_cdf = e.sum(-1, dtype=torch.float64).cumsum_(-1)  # (B, nb)
+    total = block_cdf[:, -1:]  # (B, 1)
+    u = torch.rand(B, 1, dtype=torch.float64, device=x.device, generator=generator) * total
+    # u < total strictly, so the search never runs off the end; an index whose cdf does not rise
+    # (a zero-probability block or token) can never be the first one above u.
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    blk = torch.searchsorted(block_cdf, u, right=True).clamp_(max=nb - 1)  # (B, 1)
+    below = torch.where(blk > 0, block_cdf.gather(-1, (blk - 1).clamp_(min=0)), 0.0)  # (B, 1)
+    inner = e.gather(1, blk[:, :, None].expand(B, 1, BLOCK)).squeeze(1).cumsum(-1, dtype=torch.float64)  # (B, BLOCK)
+    rem = torch.minimum(u - below, torch.nextafter(inner[:, -1:], torch.zeros_like(total)))
+    tok = (blk * BLOCK + torch.searchsorted(inner, rem, right=True).clamp_(max=BLOCK - 1)).squeeze(-1)  # (B,)
+    logp = x.gather(-1, tok[:, None]).squeeze(-1) - m.squeeze(-1) - total.squeeze(-1).log().float()
+    return tok, logp
+
+
+def next_tokens(logits, temperature: float, top_k: int, top_p: float, bias, generator):
+    """logits (B, V) -> ids (B,), log-probs (B,) under the distribution sampled from.
+
+    Same distribution as process_logits + sample, without materialising the full log-softmax
+    (a decode step needs the log-prob of one token per row, not of all 152k).
+    """
+    if top_p < 1.0 and temperature > 0:
+        return sample(process_logits(logits, temperature, top_k, top_p, bias), temperature, generator)
+    x = logits.float()  # (B, V); a fresh tensor from the model, so in-place ops below are safe
+    if bias is not None:
+        x.add_(bias)
+    if temperature == 0:
+        tok = x.argmax(-1)
+        return tok, x.gather(-1, tok[:, None]).squeeze(-1) - torch.logsumexp(x, -1)
+    if temperature != 1.0:
+        x.div_(temperature)
+    if 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        x.masked_fill_(x < kth, float("-inf"))
+    return draw(x, generator)
 
 
 @torch.inference_mode()
@@ -121,8 +177,7 @@ def _generate_chunk(model, prompts, offset, n, max_new, temperature, top_k, top_
     rows = torch.arange(R, device=device)  # original row id of each live cache row
     live_done = torch.zeros(R, dtype=torch.bool, device=device)  # finished rows still in the cache
     for step in range(max_new):
-        logprobs = process_logits(logits, temperature, top_k, top_p, bias)
-        tok, tok_logp = sample(logprobs, temperature, gen)  # (B,), (B,)
+        tok, tok_logp = next_tokens(logits, temperature, top_k, top_p, bias, gen)  # (B,), (B,)
         # Rows that finished earlier but were not yet compacted away keep decoding garbage;
         # only live rows write their outputs.
         keep = ~live_done

@@ -63,6 +63,7 @@ class RunConfig:
     buffer_capacity: int = opt(0, "episode buffer capacity in groups (0 = 4 x prompts_per_step)")
     weight_sync: str = opt("object-store", "how weights reach workers: object-store (ray.put) | collective "
                            "(torch.distributed: NCCL on GPU, gloo on CPU)", choices=("object-store", "collective"))
+    max_skipped_steps: int = opt(5, "abort after this many consecutive steps with a non-finite loss or gradient")
     sync_timeout: float = opt(120.0, "seconds any remote wait (weight sync, buffer take) may take before failing")
     address: str | None = opt(None, "Ray cluster address ('auto' inside one); default: start a local cluster")
     # --- bookkeeping
@@ -80,7 +81,7 @@ class RunConfig:
         if self.group_size < 2:
             bad("group_size", f"must be >= 2 (group-normalised advantages need a group), got {self.group_size}")
         for name in ("steps", "prompts_per_step", "num_rollout_workers", "threads_per_worker",
-                     "micro_batch_tokens"):
+                     "micro_batch_tokens", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_staleness < 0:
@@ -97,6 +98,8 @@ class RunConfig:
             bad("clip_low", f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
         if self.gpus_per_worker < 0:
             bad("gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        if self.sync_timeout <= 0:
+            bad("sync_timeout", f"must be > 0 seconds, got {self.sync_timeout}")
         if self.eval_every < 0 or self.save_every < 0 or self.keep_last < 1:
             bad("eval_every", "eval_every and save_every must be >= 0 and keep_last >= 1")
         if cluster_gpus is not None:

@@ -1,0 +1,206 @@
+"""Fault injection: killed workers, a killed driver, crashes mid-checkpoint, non-finite gradients."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from nanogrpo.checkpoint import check_run_checkpoint, latest_run_checkpoint, save_run_checkpoint
+from nanogrpo.model import Qwen2
+from nanogrpo.tiny import TINY_MODEL_CONFIG, write_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A 16-prompt task so that 8 prompts per step make every second step an epoch boundary.
+SMALL_TASK = '''
+from nanogrpo.tasks import Task, load_task
+def make(data=None, seed=0):
+    base = load_task("arithmetic", seed=seed)
+    return Task("small", base.train[:16], base.test[:16], base.messages, base.score, "", 8)
+'''
+
+
+def start(args, tmp_path, **kw):
+    (tmp_path / "small_task.py").write_text(SMALL_TASK)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, **kw)
+
+
+def step_rows(run_dir: Path) -> list[dict]:
+    try:
+        return [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r.get("reward_mean")]
+    except (FileNotFoundError, KeyError):
+        return []
+
+
+def session_pids(sid: int, name: str) -> list[int]:
+    """Processes of one launch session whose command line starts with `name` (e.g. ray::RolloutWorker)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == sid and (d / "cmdline").read_bytes().startswith(name.encode()):
+                    out.append(int(d.name))
+            except (OSError, ProcessLookupError):
+                continue
+    return sorted(out)
+
+
+def kill_session(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for(cond, timeout, what):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_rollout_worker_sigkill_twice(tmp_path):
+    """Guards against a dead rollout worker taking the run down, a restarted worker generating
+    with stale initial weights forever, and episodes lost in the accounting."""
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--steps", "150", "--prompts-per-step", "4", "--group-size", "4",
+               "--sft-steps", "0", "--eval-every", "0", "--save-every", "0", "--quiet", "true"], tmp_path)
+    try:
+        wait_for(lambda: len(step_rows(run_dir)) >= 5, 180, "5 steps")
+        seen = set(session_pids(p.pid, "ray::RolloutWorker"))
+        assert len(seen) == 2
+        for kill in range(2):
+            victim = sorted(seen)[0] if kill == 0 else new_pid
+            os.kill(victim, signal.SIGKILL)
+            n = len(step_rows(run_dir))
+            wait_for(lambda: len(set(session_pids(p.pid, "ray::RolloutWorker")) - seen) > 0, 120, "a restarted worker")
+            new_pid = (set(session_pids(p.pid, "ray::RolloutWorker")) - seen).pop()
+            seen.add(new_pid)
+            wait_for(lambda: len(step_rows(run_dir)) >= n + 10 or p.poll() is not None, 180, "progress after restart")
+        out, err = p.communicate(timeout=300)
+    finally:
+        kill_session(p)
+    assert p.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 150
+    assert summary["worker_restarts"] == 2, out[-3000:]
+    assert summary["produced"] == summary["consumed"] + summary["dropped"] + summary["in_buffer"]
+
+
+COMMON = ["--task", "small_task:make", "--steps", "8", "--prompts-per-step", "8", "--group-size", "4",
+          "--sft-steps", "10", "--max-staleness", "0", "--save-every", "2", "--keep-last", "10", "--eval-every", "0",
+          "--seed", "3", "--quiet", "true"]
+
+
+@pytest.mark.slow
+def test_driver_sigkill_then_resume_reproduces(tmp_path):
+    """Guards against resumes that reload the initial weights into workers, skip or repeat data
+    (every checkpoint here sits at an epoch boundary), or diverge from the uninterrupted run."""
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref = start(["--out", str(ref_dir), *COMMON], tmp_path)
+    out, err = ref.communicate(timeout=600)
+    assert ref.returncode == 0, err[-3000:]
+
+    cut = start(["--out", str(cut_dir), *COMMON], tmp_path)
+    try:
+        wait_for(lambda: (cut_dir / "checkpoints" / "step-000004" / "MANIFEST.json").exists(), 300, "checkpoint 4")
+    finally:
+        kill_session(cut)  # SIGKILL the driver and its local Ray cluster
+    resumed_from = latest_run_checkpoint(cut_dir)
+    k = int(resumed_from.name.split("-")[1])
+    assert 4 <= k < 8
+    res = start(["--resume", str(cut_dir)], tmp_path)
+    out, err = res.communicate(timeout=600)
+    assert res.returncode == 0, err[-3000:]
+    a = {int(r["step"]): r for r in step_rows(ref_dir)}
+    b = {int(r["step"]): r for r in step_rows(cut_dir)}
+    assert sorted(b) == list(range(1, 9))
+    for s in range(k + 1, 9):
+        for col in ("reward_mean", "success_rate", "loss", "entropy", "grad_norm", "response_len"):
+            assert float(a[s][col]) == pytest.approx(float(b[s][col]), rel=1e-4, abs=1e-6), (s, col)
+    assert float(b[8]["logprob_gap"]) < 1e-3  # workers run the resumed weights, not the initial ones
+
+
+def tiny_model():
+    return Qwen2.from_config(TINY_MODEL_CONFIG, seed=0)
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    """Guards against a crash mid-save destroying the last good checkpoint or leaving a
+    half-written one that a resume would pick up."""
+    tok_dir = write_tiny_model_dir(tmp_path / "tok")
+    model = tiny_model()
+    ckpts = tmp_path / "run" / "checkpoints"
+    save_run_checkpoint(ckpts / "step-000001", model, tok_dir, {"state": {}, "param_groups": []}, {"step": 1})
+
+    def boom(*a, **k):
+        raise OSError("disk full (injected)")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="injected"):
+        save_run_checkpoint(ckpts / "step-000002", model, tok_dir, {"state": {}}, {"step": 2})
+    monkeypatch.undo()
+    assert latest_run_checkpoint(tmp_path / "run") == ckpts / "step-000001"
+    assert not (ckpts / "step-000002").exists()
+    Qwen2.from_pretrained(ckpts / "step-000001")
+    # Overwriting the same step and crashing also leaves the old copy intact.
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_run_checkpoint(ckpts / "step-000001", model, tok_dir, {"state": {}}, {"step": 1})
+    monkeypatch.undo()
+    check_run_checkpoint(ckpts / "step-000001")
+
+
+def test_truncated_checkpoint_is_detected_and_skipped(tmp_path):
+    """Guards against resuming from a checkpoint whose files were truncated (e.g. a full disk)."""
+    tok_dir = write_tiny_model_dir(tmp_path / "tok")
+    ckpts = tmp_path / "run" / "checkpoints"
+    for s in (1, 2):
+        save_run_checkpoint(ckpts / f"step-00000{s}", tiny_model(), tok_dir, {"state": {}}, {"step": s})
+    f = ckpts / "step-000002" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="model.safetensors has 1000 bytes"):
+        check_run_checkpoint(ckpts / "step-000002")
+    assert latest_run_checkpoint(tmp_path / "run") == ckpts / "step-000001"
+
+
+def test_non_finite_gradient_skips_step_and_leaves_weights(tmp_path):
+    """Guards against a NaN batch poisoning the weights: the step is skipped, the weights are
+    bitwise unchanged, and the consecutive-skip counter the driver aborts on goes up."""
+    from learner.learner import LearnerCore
+    from nanogrpo.episode import SCHEMA
+    from nanogrpo.runconfig import RunConfig
+    from nanogrpo.weights import digest
+
+    model_dir = write_tiny_model_dir(tmp_path / "m")
+    tiny_model().save_pretrained(model_dir)
+    cfg = RunConfig(group_size=2, prompts_per_step=1, max_new_tokens=4)
+    core = LearnerCore(vars(cfg), str(model_dir), threads=1)
+
+    def table(logp):
+        rows = [{"group_id": 0, "step": 0, "example_index": 0, "sample_index": i, "prompt_ids": [1, 2, 3],
+                 "completion_ids": [4, 5], "logprobs": [logp, logp], "response": "", "reward": float(i),
+                 "reward_format": 0.0, "reward_answer": 0.0, "finish_reason": "stop", "policy_version": 0,
+                 "worker_id": 0, "gen_seconds": 0.0, "created_at": 0.0} for i in range(2)]
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+    before = digest(core.model)
+    for i in range(3):
+        m, _ = core.train_step(table(float("nan")))
+        assert m["skipped_step"] == 1.0 and m["skipped_in_a_row"] == i + 1
+    assert digest(core.model) == before
+    m, _ = core.train_step(table(-1.0))
+    assert m["skipped_step"] == 0.0 and m["skipped_in_a_row"] == 0
+    assert digest(core.model) != before
