@@ -232,7 +232,7 @@ class LearnerCore:
             clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return {"sft_loss_first": losses[0] if losses else float("nan"),
                 "sft_loss_last": float(np.mean(losses[-10:])) if losses else float("nan")}
 

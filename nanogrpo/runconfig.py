@@ -46,7 +46,8 @@ class RunConfig:
     scale_std: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
     drop_zero_var: bool = opt(True, "skip groups whose rewards are all equal (no signal; DAPO dynamic sampling)")
     entropy_coef: float = opt(0.0, "entropy bonus coefficient (0 = report entropy only)")
-    tis_cap: float = opt(2.0, "cap of the truncated importance weight for stale episodes (decoupled PPO)")
+    tis_cap: float = opt(2.0, "stale episodes (k >= 1) use decoupled PPO: ratio to the pre-step learner, times the "
+                         "sampler importance weight truncated at this cap (0 = plain ratio to the sampler)")
     micro_batch_tokens: int = opt(16384, "token budget of one learner micro-batch (rows x padded length)")
     grad_checkpointing: bool = opt(False, "recompute activations layer by layer in backward (saves memory)")
     sft_steps: int = opt(-1, "supervised warm-start steps on task solutions before GRPO "

@@ -1,0 +1,183 @@
+"""System benchmark: rollout scaling, weight publish+load cost, async vs sync steps/min.
+
+    python -m bench.scaling            # ~3-4 minutes on 2 cores
+    python -m bench.scaling --quick
+
+Every figure is a ratio measured in this run against a peer or a limit measured in this run:
+  * rollout tokens/s with 2 workers vs 1 worker (1 torch thread each), same workload;
+  * time to publish (pack + one ray.put) and load one Qwen2.5-0.5B-sized weight version on 1, 2
+    and 4 workers vs one local memcpy of the same bytes;
+  * steps/min and learner idle fraction of the full driver with k = 1 vs k = 0.
+Writes bench/results_scaling.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from nanogrpo.config import ModelConfig
+from nanogrpo.model import Qwen2
+from nanogrpo.tiny import TINY_MODEL_CONFIG, write_tiny_model_dir
+from nanogrpo.weights import pack, unpack_into
+
+QWEN05 = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+              num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, torch_dtype="bfloat16")
+
+
+def empty_model(cfg: dict, dtype) -> Qwen2:
+    """Right shapes, uninitialised values: sync cost does not depend on the numbers."""
+    with torch.device("meta"):
+        m = Qwen2(ModelConfig.from_dict(cfg))
+    return m.to_empty(device="cpu").to(dtype)
+
+
+# ----------------------------------------------------------------------------- rollout scaling
+def rollout_scaling(model_dir: str, seconds: float) -> dict:
+    from actors.buffer import EpisodeBuffer
+    from actors.rollout import RolloutWorker
+    from nanogrpo.tasks import load_task
+
+    n_train = len(load_task("arithmetic").train)
+    sampling = {"group_size": 8, "max_new_tokens": 16, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    out = {}
+    for n in (1, 2):
+        buf = EpisodeBuffer.options(max_concurrency=100).remote(10**6)
+        ws = [RolloutWorker.remote(i, model_dir, "arithmetic", None, 0, 1, sampling, buf) for i in range(n)]
+        ray.get([w.ready.remote() for w in ws])
+        weights = [ray.put(pack(Qwen2.from_pretrained(model_dir), 0))]
+        work = lambda k: [(k * 16 + j, 0, (k * 16 + j) % n_train) for j in range(16)]  # noqa: E731
+        ray.get([w.rollout.remote(work(i), weights, 0) for i, w in enumerate(ws)])  # warm-up + weight load
+        k, tokens, t0 = 0, 0, time.perf_counter()
+        pending = {w.rollout.remote(work(k + i), weights, 0): w for i, w in enumerate(ws)}
+        k += n
+        while time.perf_counter() - t0 < seconds:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            w = pending.pop(done)
+            tokens += ray.get(done)["tokens"]
+            pending[w.rollout.remote(work(k), weights, 0)] = w
+            k += 1
+        for r in pending:
+            tokens += ray.get(r)["tokens"]
+        out[n] = tokens / (time.perf_counter() - t0)
+        for a in ws + [buf]:
+            ray.kill(a)
+    return {"tokens_per_s_1_worker": out[1], "tokens_per_s_2_workers": out[2], "scaling_1_to_2": out[2] / out[1]}
+
+
+# ----------------------------------------------------------------------------- weight sync
+@ray.remote(num_cpus=0)
+class SyncPeer:
+    def __init__(self, cfg):
+        torch.set_num_threads(1)
+        self.model = empty_model(cfg, torch.bfloat16)
+
+    def load(self, weights: list) -> float:
+        t0 = time.perf_counter()
+        unpack_into(self.model, ray.get(weights[0]))
+        return time.perf_counter() - t0
+
+
+def weight_sync(cfg: dict, reps: int) -> dict:
+    model = empty_model(cfg, torch.bfloat16)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    flat = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(flat)
+    memcpy = min(_timed(lambda: dst.copy_(flat)) for _ in range(5))
+    res = {"state_bytes": nbytes, "memcpy_s": memcpy, "memcpy_GBps": nbytes / memcpy / 1e9}
+    for n in (1, 2, 4):
+        peers = [SyncPeer.remote(cfg) for _ in range(n)]
+        ray.get([p.load.remote([ray.put(pack(model, -1))]) for p in peers])  # warm-up
+        best = float("inf")
+        for v in range(reps):
+            t0 = time.perf_counter()
+            ref = [ray.put(pack(model, v))]
+            ray.get([p.load.remote(ref) for p in peers])
+            best = min(best, time.perf_counter() - t0)
+            del ref
+        res[f"publish_load_s_{n}_workers"] = best
+        res[f"vs_memcpy_{n}_workers"] = best / memcpy
+        for p in peers:
+            ray.kill(p)
+    return res
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- async vs sync
+def async_vs_sync(steps: int) -> dict:
+    import csv
+
+    import launch
+    from nanogrpo.runconfig import RunConfig
+
+    res = {}
+    for k in (0, 1):
+        with tempfile.TemporaryDirectory() as d:
+            cfg = RunConfig(steps=steps, sft_steps=0, eval_every=0, save_every=0, max_staleness=k, num_test=8,
+                            quiet=True, out=str(Path(d) / "run"))
+            t0 = time.perf_counter()
+            run_dir = launch.run(cfg, set())
+            wall = time.perf_counter() - t0
+            rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["reward_mean"]]
+            # Steady state: skip the first steps (actor warm-up) and time the rest from the CSV.
+            tail = rows[steps // 5:]
+            span = float(tail[-1]["wall_time"]) - float(rows[steps // 5 - 1]["wall_time"])
+            idle = sum(float(r["learner_idle_s"]) for r in tail)
+            res[f"k{k}_steps_per_min"] = 60 * len(tail) / span
+            res[f"k{k}_learner_idle_frac"] = idle / span
+            res[f"k{k}_wall_s"] = wall
+    res["async_speedup"] = res["k1_steps_per_min"] / res["k0_steps_per_min"]
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shorter measurements")
+    args = ap.parse_args()
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch": torch.__version__, "ray": ray.__version__,
+               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    with tempfile.TemporaryDirectory() as d:
+        model_dir = str(write_tiny_model_dir(Path(d) / "tiny"))
+        Qwen2.from_config(TINY_MODEL_CONFIG, seed=0).save_pretrained(model_dir)
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        try:
+            roll = rollout_scaling(model_dir, 6 if args.quick else 20)
+            sync = weight_sync(QWEN05, 2 if args.quick else 4)
+        finally:
+            ray.shutdown()
+    asyn = async_vs_sync(30 if args.quick else 80)
+    results = {"machine": machine, "rollout": roll, "weight_sync": sync, "async": asyn}
+    Path(__file__).with_name("results_scaling.json").write_text(json.dumps(results, indent=2))
+    rows = [
+        ("rollout tokens/s, 1 worker", f"{roll['tokens_per_s_1_worker']:.0f}", ""),
+        ("rollout tokens/s, 2 workers", f"{roll['tokens_per_s_2_workers']:.0f}",
+         f"{roll['scaling_1_to_2']:.2f}x of 1 worker (target >= 1.8x)"),
+        ("one local memcpy of 0.5B bf16 state", f"{sync['memcpy_s'] * 1e3:.0f} ms", f"{sync['memcpy_GBps']:.1f} GB/s"),
+    ] + [(f"publish+load 0.5B, {n} worker(s)", f"{sync[f'publish_load_s_{n}_workers'] * 1e3:.0f} ms",
+          f"{sync[f'vs_memcpy_{n}_workers']:.2f}x memcpy (target <= 2x, flat)") for n in (1, 2, 4)] + [
+        ("steps/min, k=0 (sync)", f"{asyn['k0_steps_per_min']:.0f}", f"learner idle {asyn['k0_learner_idle_frac']:.0%}"),
+        ("steps/min, k=1 (async)", f"{asyn['k1_steps_per_min']:.0f}",
+         f"{asyn['async_speedup']:.2f}x of k=0 (target >= 1.5x), learner idle {asyn['k1_learner_idle_frac']:.0%}"),
+    ]
+    print(f"machine: {machine}")
+    w = max(len(r[0]) for r in rows)
+    for name, val, note in rows:
+        print(f"{name:<{w}}  {val:>10}  {note}")
+    print(f"rollout_scaling_1_to_2: {roll['scaling_1_to_2']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
