@@ -26,10 +26,10 @@ class RunConfig:
                           choices=("error", "skip"))
     num_test: int | None = opt(None, "held-out prompts for greedy pass@1 eval (default: the task's own)")
     # --- GRPO
-    steps: int = opt(150, "learner steps (policy updates)")
+    steps: int = opt(800, "learner steps (policy updates)")
     group_size: int = opt(8, "completions sampled per prompt (the GRPO group, G >= 2)")
     prompts_per_step: int = opt(32, "prompts (groups) consumed per learner step")
-    lr: float = opt(5e-4, "AdamW learning rate")
+    lr: float = opt(1e-4, "AdamW learning rate (the default suits the built-in tiny model; ~1e-6 for a 0.5-7B LLM)")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay (not applied to biases and norms)")
     warmup_steps: int = opt(0, "linear learning-rate warm-up steps")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
@@ -68,7 +68,7 @@ class RunConfig:
     sync_timeout: float = opt(120.0, "seconds any remote wait (weight sync, buffer take) may take before failing")
     address: str | None = opt(None, "Ray cluster address ('auto' inside one); default: start a local cluster")
     # --- bookkeeping
-    eval_every: int = opt(10, "greedy pass@1 on the held-out prompts every N steps (0 = only at the end)")
+    eval_every: int = opt(25, "greedy pass@1 on the held-out prompts every N steps (0 = only at the end)")
     save_every: int = opt(50, "checkpoint every N steps (and always at the end)")
     keep_last: int = opt(2, "checkpoints to keep")
     out: str | None = opt(None, "run directory (default: runs/<task>-<time>)")

@@ -81,15 +81,17 @@ def test_end_to_end_tiny_run_learns(tmp_path):
     but does not learn (reward must rise), a broken weight sync (on-policy log-prob gap ~0), lost
     episodes (accounting balances, the Parquet log holds every one) and missing artifacts."""
     run_dir = tmp_path / "run"
-    out = launch("--out", str(run_dir), "--steps", "40", "--prompts-per-step", "16", "--sft-steps", "150",
-                 "--max-staleness", "0", "--eval-every", "20", "--save-every", "20", "--seed", "1")
+    out = launch("--out", str(run_dir), "--steps", "60", "--prompts-per-step", "16", "--sft-steps", "150",
+                 "--max-staleness", "0", "--eval-every", "30", "--save-every", "30", "--seed", "1", "--lr", "3e-4")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f"run dir: {run_dir}"
     rows = read_metrics(run_dir)
     steps = [r for r in rows if r["reward_mean"]]
-    assert len(steps) == 40
-    first = sum(float(r["reward_mean"]) for r in steps[:10]) / 10
-    last = sum(float(r["reward_mean"]) for r in steps[-10:]) / 10
+    assert len(steps) == 60
+    # Measured with this seed: 0.28 -> 0.38. Broken learning (a flipped sign, misaligned rewards,
+    # weights never reaching the workers) leaves it flat or falling.
+    first = sum(float(r["reward_mean"]) for r in steps[:15]) / 15
+    last = sum(float(r["reward_mean"]) for r in steps[-15:]) / 15
     assert last > first + 0.05, (first, last)
     assert max(float(r["logprob_gap"]) for r in steps) < 1e-3  # k = 0: learner == sampler
     assert max(float(r["staleness_max"]) for r in steps) == 0
