@@ -18,6 +18,7 @@ from pathlib import Path
 
 RESUMABLE_OVERRIDES = {"steps", "eval_every", "save_every", "keep_last", "quiet", "address", "sync_timeout",
                        "num_rollout_workers", "threads_per_worker", "learner_threads", "resume"}
+REISSUE_OFFSET = 10**12  # added to a group id that is generated again, so ids stay unique
 CSV_COLUMNS = [
     "step", "reward_mean", "reward_std", "success_rate", "format_rate", "eval_success", "loss", "pg_loss", "kl",
     "entropy", "grad_norm", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "adv_mean", "adv_std",
@@ -374,6 +375,10 @@ def run(cfg, given: set[str]) -> Path:
             if metrics.get("skipped_step"):
                 log(f"step {step}: non-finite loss or gradient, update skipped ({int(metrics['skipped_step'])})")
             bstats = get(buffer.stats.remote(), cfg.sync_timeout, "the episode buffer's stats")
+            # Groups dropped as too stale leave their step short: generate them again, fresh.
+            redo = get(buffer.pop_dropped.remote(), cfg.sync_timeout, "the episode buffer's dropped groups")
+            if redo:
+                queue.extendleft([[(gid + REISSUE_OFFSET, s, i)] for gid, s, i in redo])
             now = time.perf_counter()
             row = {**metrics, "step": step, "time_step": now - window["t0"], "time_generate": window["gen"],
                    "time_train": metrics["train_seconds"], "time_sync": window["sync"],
@@ -401,6 +406,14 @@ def run(cfg, given: set[str]) -> Path:
     except KeyboardInterrupt:
         interrupted = True
         log(f"interrupted at step {step}: saving a checkpoint")
+    except Exception as e:
+        # Keep what was learned: checkpoint the learner if it still answers, then re-raise.
+        log(f"run failed at step {step} ({type(e).__name__}); trying to checkpoint before exiting")
+        try:
+            log(f"checkpoint: {save(step)}")
+        except Exception as e2:  # noqa: BLE001 - best effort; the original error is what matters
+            log(f"could not checkpoint: {type(e2).__name__}: {e2}")
+        raise
     # Let in-flight rollouts land so the episode accounting is complete, then the final checkpoint.
     for r in list(in_flight):
         try:

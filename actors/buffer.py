@@ -30,6 +30,7 @@ class EpisodeBuffer:
         self.log_dir = Path(log_dir) if log_dir else None
         self.log_every = log_every_groups
         self.pending_log: list[pa.RecordBatch] = []
+        self.dropped_work: list[tuple[int, int, int]] = []  # (group_id, step, example_index) of dropped groups
         self.part = c.get("log_parts", 0)
         self._changed: asyncio.Condition | None = None
         if self.log_dir:
@@ -62,10 +63,12 @@ class EpisodeBuffer:
         return len(self.groups)
 
     async def take(self, n_groups: int, min_version: int = 0, timeout: float | None = None) -> pa.Table:
-        """Remove and return n groups with policy_version >= min_version (oldest first).
+        """Remove and return n groups with policy_version >= min_version, oldest version first.
 
-        Groups older than min_version are dropped as too stale and counted; they can never be
-        used again because min_version only grows.
+        Oldest-first matters with k >= 1: workers finish out of order, and taking newer groups
+        first would leave older ones to go stale at the next step. Groups older than min_version
+        are dropped and counted (min_version only grows, so they could never be used); their work
+        items are kept for the driver to re-issue (`pop_dropped`).
         """
         cond = self._cond()
 
@@ -80,11 +83,16 @@ class EpisodeBuffer:
                 raise TimeoutError(f"EpisodeBuffer.take: waited {timeout:.0f}s for {n_groups} groups with "
                                    f"version >= {min_version}, have {len(self.groups)} in buffer; are the "
                                    "rollout workers alive?") from None
+            version = lambda g: g.column("policy_version")[0].as_py()  # noqa: E731
             out, keep = [], collections.deque()
-            for g in self.groups:
-                if g.column("policy_version")[0].as_py() < min_version:
+            chosen = set(sorted((i for i, g in enumerate(self.groups) if version(g) >= min_version),
+                                key=lambda i: (version(self.groups[i]), i))[:n_groups])
+            for i, g in enumerate(self.groups):
+                if version(g) < min_version:
                     self.dropped += 1
-                elif len(out) < n_groups:
+                    self.dropped_work.append((g.column("group_id")[0].as_py(), g.column("step")[0].as_py(),
+                                              g.column("example_index")[0].as_py()))
+                elif i in chosen:
                     out.append(g)
                 else:
                     keep.append(g)
@@ -92,6 +100,11 @@ class EpisodeBuffer:
             self.consumed += len(out)
             cond.notify_all()
         return pa.Table.from_batches(out, schema=SCHEMA)
+
+    def pop_dropped(self) -> list[tuple[int, int, int]]:
+        """Work items of groups dropped as stale since the last call (for the driver to re-issue)."""
+        out, self.dropped_work = self.dropped_work, []
+        return out
 
     def flush(self) -> int:
         """Write pending groups to the next Parquet part file. -> parts written so far."""

@@ -82,13 +82,13 @@ def test_rollout_worker_sigkill_twice(tmp_path):
         wait_for(lambda: len(step_rows(run_dir)) >= 5, 180, "5 steps")
         seen = set(session_pids(p.pid, "ray::RolloutWorker"))
         assert len(seen) == 2
-        for kill in range(2):
-            victim = sorted(seen)[0] if kill == 0 else new_pid
+        victim = sorted(seen)[0]
+        for _ in range(2):
             os.kill(victim, signal.SIGKILL)
             n = len(step_rows(run_dir))
             wait_for(lambda: len(set(session_pids(p.pid, "ray::RolloutWorker")) - seen) > 0, 120, "a restarted worker")
-            new_pid = (set(session_pids(p.pid, "ray::RolloutWorker")) - seen).pop()
-            seen.add(new_pid)
+            victim = (set(session_pids(p.pid, "ray::RolloutWorker")) - seen).pop()  # kill the new one next
+            seen.add(victim)
             wait_for(lambda: len(step_rows(run_dir)) >= n + 10 or p.poll() is not None, 180, "progress after restart")
         out, err = p.communicate(timeout=300)
     finally:

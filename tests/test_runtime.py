@@ -131,3 +131,14 @@ def test_gloo_broadcast_bitwise_then_timeout(local_ray):
     # Now the receiver never calls broadcast: the sender must fail, not hang.
     v, seconds, err = ray.get(sender.broadcast.remote(4), timeout=60)
     assert v is None and err and seconds < 30
+
+
+def test_buffer_takes_oldest_version_first_and_reports_dropped(local_ray):
+    """Guards against the k >= 1 starvation bug: taking newer groups first left older ones to go
+    stale, the last step came up short and the run hung; dropped work must be re-issuable."""
+    buf = EpisodeBuffer.remote(16)
+    ray.get(buf.put.remote([make_group(10, 2), make_group(11, 1), make_group(12, 2), make_group(13, 0)]))
+    t = ray.get(buf.take.remote(2, 1, 5.0))
+    assert sorted(set(t.column("group_id").to_pylist())) == [10, 11]  # version 1 first, then the older v2
+    assert ray.get(buf.pop_dropped.remote()) == [(13, 13, 13)]  # the v0 group: (group_id, step, example)
+    assert ray.get(buf.pop_dropped.remote()) == []
