@@ -50,6 +50,33 @@ def matmul_peak(dtype, n=2048, reps=5) -> float:
     return 2 * n ** 3 / best
 
 
+def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat16) -> Qwen2:
+    """N(0, 0.02) weights, unit norms, zero biases. Stored in bf16 (both engines then load and
+    cast the same bits); matrices are filled from one pool of 2^22 normal draws at random offsets,
+    because drawing all 494M values of the 0.5B shape takes ~15 s on 2 cores and the speed of a
+    matmul does not depend on the values."""
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    model = model.to_empty(device="cpu").to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty unties
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.randn(1 << 22, generator=gen).mul_(0.02).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                flat = p.view(-1)
+                for i in range(0, flat.numel(), pool.numel() // 2):
+                    n = min(pool.numel() // 2, flat.numel() - i)
+                    off = int(torch.randint(0, pool.numel() - n + 1, (1,), generator=gen))
+                    flat[i:i + n] = pool[off:off + n]
+    return model
+
+
 def make_prompts(n, lo, hi, vocab, seed):
     rng = random.Random(seed)
     return [[rng.randrange(2, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
@@ -101,11 +128,11 @@ def run_hf(hf, prompts, G, max_new, bias):
     return dt, count_completed(out[:, T:].tolist())
 
 
-def bench_shape(name, shape, n_prompts, G, max_new, plen, bias, dtypes, peaks, warm):
+def bench_shape(name, shape, n_prompts, G, max_new, plen, bias, dtypes, peaks, reps):
     import transformers
 
     cfg = ModelConfig(**shape)
-    base = Qwen2.from_config(cfg, seed=0)
+    base = random_model(cfg, seed=0)
     prompts = make_prompts(n_prompts, *plen, cfg.vocab_size, seed=1)
     rows = []
     with tempfile.TemporaryDirectory() as d:
@@ -114,12 +141,18 @@ def bench_shape(name, shape, n_prompts, G, max_new, plen, bias, dtypes, peaks, w
         for dtype in dtypes:
             ours = Qwen2.from_pretrained(d, dtype=dtype).eval()
             hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
-            if warm:  # one short call each so first-use costs (allocator, oneDNN kernels) are not timed
-                run_ours(ours, prompts[:2], 2, 4, bias)
-                run_hf(hf, prompts[:2], 2, 4, bias)
-            t_hf, tok_hf = run_hf(hf, prompts, G, max_new, bias)
+            # One short call each so first-use costs (allocator, oneDNN kernels) are not timed.
+            run_ours(ours, prompts[:2], 2, 4, bias)
+            run_hf(hf, prompts[:2], 2, 4, bias)
+            # Alternate the engines and keep each one's best run: the machine is shared, and a
+            # burst of someone else's work should not decide the ratio.
+            t_hf = t_ours = float("inf")
+            for _ in range(reps):
+                t, tok_hf = run_hf(hf, prompts, G, max_new, bias)
+                t_hf = min(t_hf, t)
+                t, outs = run_ours(ours, prompts, G, max_new, bias)
+                t_ours = min(t_ours, t)
             del hf
-            t_ours, outs = run_ours(ours, prompts, G, max_new, bias)
             tok_ours = sum(len(c.token_ids) for c in outs)
             matmul_params = sum(p.numel() for n, p in ours.named_parameters() if "embed_tokens" not in n)
             if cfg.tie_word_embeddings:
@@ -138,12 +171,12 @@ def bench_shape(name, shape, n_prompts, G, max_new, plen, bias, dtypes, peaks, w
     return rows
 
 
-HEADER = (f"{'workload':<22}{'dtype':<10}{'ours tok/s':>11}{'hf tok/s':>10}{'speedup':>9}"
+HEADER = (f"{'workload':<24}{'dtype':<10}{'ours tok/s':>11}{'hf tok/s':>10}{'speedup':>9}"
           f"{'ours tok':>9}{'hf tok':>8}{'ours s':>8}{'hf s':>8}{'GFLOP/s':>9}{'peak':>8}{'%peak':>7}")
 
 
 def _fmt_row(r):
-    return (f"{r['workload']:<22}{r['dtype']:<10}{r['ours_tok_s']:>11.0f}{r['hf_tok_s']:>10.0f}{r['speedup']:>8.2f}x"
+    return (f"{r['workload']:<24}{r['dtype']:<10}{r['ours_tok_s']:>11.0f}{r['hf_tok_s']:>10.0f}{r['speedup']:>8.2f}x"
             f"{r['ours_tokens']:>9}{r['hf_tokens']:>8}{r['ours_s']:>8.2f}{r['hf_s']:>8.2f}"
             f"{r['ours_gflops']:>9.1f}{r['peak_gflops']:>8.0f}{100 * r['frac_of_peak']:>6.1f}%")
 
@@ -153,6 +186,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smaller workloads (~1 min)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["tiny", "0.5b"], help="run one workload")
+    ap.add_argument("--reps", type=int, default=2, help="timed runs per engine on the tiny model (best kept)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results_generate.json")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,9 +194,11 @@ def main():
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    load0 = os.getloadavg()[0]
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     print(f"threads={args.threads} torch={torch.__version__} transformers={transformers.__version__} "
-          f"matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
+          f"matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (shared machine)")
     print(HEADER, flush=True)
     rows = []
     # EOS bias: a random model is near-uniform over the vocabulary, so P(EOS) ~ e^b / V per step.
@@ -170,15 +206,15 @@ def main():
         n_p, max_new = (16, 64) if args.quick else (32, 128)
         rows += bench_shape("tiny 32x8 128new" if not args.quick else "tiny 16x8 64new", TINY, n_p, 8, max_new,
                             (8, 64), bias=3.0 if not args.quick else 3.5,
-                            dtypes=[torch.float32, torch.bfloat16], peaks=peaks, warm=True)
+                            dtypes=[torch.float32, torch.bfloat16], peaks=peaks, reps=args.reps)
     if args.only in (None, "0.5b"):
         max_new = 32 if args.quick else 64
         rows += bench_shape(f"qwen2.5-0.5b 4x8 {max_new}new", QWEN05, 4, 8, max_new, (8, 64),
-                            bias=9.5, dtypes=[torch.float32] if args.quick else [torch.float32, torch.bfloat16],
-                            peaks=peaks, warm=False)
+                            bias=9.0, dtypes=[torch.float32] if args.quick else [torch.float32, torch.bfloat16],
+                            peaks=peaks, reps=1)
     headline = next((r for r in rows if r["workload"].startswith("tiny") and r["dtype"] == "float32"), rows[0])
     result = dict(threads=args.threads, quick=args.quick, torch=torch.__version__,
-                  transformers=transformers.__version__,
+                  transformers=transformers.__version__, loadavg_start=load0, loadavg_end=os.getloadavg()[0],
                   peak_gflops={k: v / 1e9 for k, v in peaks.items()}, rows=rows,
                   headline=dict(workload=headline["workload"], dtype=headline["dtype"],
                                 speedup_vs_transformers=headline["speedup"]))

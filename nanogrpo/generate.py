@@ -5,8 +5,8 @@ The shape of the work is what GRPO needs, not what a chat UI needs:
     (`KVCache.reorder`), instead of prefilling n identical copies;
   * rows that hit a stop token stop costing compute: the batch is compacted (finished rows are
     dropped from the cache) once enough of them have finished;
-  * sampling is a handful of batched tensor ops per step (temperature, top-k, top-p, a
-    multinomial draw from a seeded generator); nothing loops over the vocabulary in Python;
+  * sampling is a handful of batched tensor ops per step (temperature, top-k, top-p, an
+    inverse-CDF draw from a seeded generator); nothing loops over the vocabulary in Python;
   * every completion comes back with the log-prob of each sampled token under the distribution it
     was actually drawn from (after temperature / top-k / top-p), which the learner uses as the
     behaviour policy in its importance ratio.
@@ -72,7 +72,8 @@ def draw(x, generator):
     vocabulary entry (B x 152k per step for Qwen), which cost more than the rest of a decode step
     on CPU. A flat fp32 cumsum over 152k entries would be cheap but skews the distribution by up
     to ~1e-3 in total variation through rounding; per-block sums and an fp64 cumsum within the
-    chosen block keep every token's probability exact to ~1e-7 of its block's mass.
+    chosen block keep every token's probability exact to ~1e-7 of its block's mass (the
+    clamps below absorb the rounding difference between a block's sum and its inner cumsum).
     """
     B, V = x.shape
     m = x.amax(-1, keepdim=True)  # (B, 1)
@@ -81,7 +82,7 @@ def draw(x, generator):
     if nb * BLOCK != V:
         e = torch.nn.functional.pad(e, (0, nb * BLOCK - V))
     e = e.view(B, nb, BLOCK)
-    block_cdf = e.sum(-1, dtype=torch.float64).cumsum_(-1)  # (B, nb)
+    block_cdf = e.sum(-1).double().cumsum_(-1)  # (B, nb); fp32 sums of 128: ~1e-7 relative error
     total = block_cdf[:, -1:]  # (B, 1)
     u = torch.rand(B, 1, dtype=torch.float64, device=x.device, generator=generator) * total
     # u < total strictly, so the search never runs off the end; an index whose cdf does not rise
@@ -100,7 +101,8 @@ def next_tokens(logits, temperature: float, top_k: int, top_p: float, bias, gene
     """logits (B, V) -> ids (B,), log-probs (B,) under the distribution sampled from.
 
     Same distribution as process_logits + sample, without materialising the full log-softmax
-    (a decode step needs the log-prob of one token per row, not of all 152k).
+    (a decode step needs the log-prob of one token per row, not of all 152k). fp32 logits are
+    modified in place: pass a tensor nobody else reads (generate passes the model's output).
     """
     if top_p < 1.0 and temperature > 0:
         return sample(process_logits(logits, temperature, top_k, top_p, bias), temperature, generator)
@@ -175,28 +177,36 @@ def _generate_chunk(model, prompts, offset, n, max_new, temperature, top_k, top_
     gen_len = torch.full((R,), max_new, dtype=torch.long, device=device)  # (R,)
     stopped = torch.zeros(R, dtype=torch.bool, device=device)
     rows = torch.arange(R, device=device)  # original row id of each live cache row
-    live_done = torch.zeros(R, dtype=torch.bool, device=device)  # finished rows still in the cache
+    done = torch.zeros(R, dtype=torch.bool, device=device)  # finished rows still in the cache
+    n_done = 0
     for step in range(max_new):
         tok, tok_logp = next_tokens(logits, temperature, top_k, top_p, bias, gen)  # (B,), (B,)
-        # Rows that finished earlier but were not yet compacted away keep decoding garbage;
-        # only live rows write their outputs.
-        keep = ~live_done
-        tokens_out[rows[keep], step] = tok[keep]
-        logp_out[rows[keep], step] = tok_logp[keep]
-        hit = keep & torch.isin(tok, stops) if stops.numel() else torch.zeros_like(keep)
-        gen_len[rows[hit]] = step + 1
-        stopped[rows[hit]] = True
-        live_done |= hit
-        if step == max_new - 1:
+        # Finished rows not yet compacted away keep decoding; what they write lands past their
+        # gen_len and is cut off below, which is cheaper than masking every write.
+        tokens_out[rows, step] = tok
+        logp_out[rows, step] = tok_logp
+        if stops.numel():
+            hit = (tok[:, None] == stops).any(-1) & ~done  # (B,)
+            if hit.any():
+                gen_len[rows[hit]] = step + 1
+                stopped[rows[hit]] = True
+                done |= hit
+                n_done = int(done.sum())
+        if step == max_new - 1 or n_done == done.numel():
             break
-        n_done = int(live_done.sum())
-        if n_done == live_done.numel():
-            break
-        if n_done and n_done >= compact_fraction * live_done.numel():
-            alive = (~live_done).nonzero().squeeze(-1)  # (B',)
-            cache.reorder(alive)
-            rows, tok = rows[alive], tok[alive]
-            live_done = live_done[alive]
+        B = done.numel()
+        # Batch sizes are rounded up to a multiple of 8 (a few finished rows ride along): every
+        # new size costs oneDNN a kernel JIT per matmul shape in bf16 (~1 ms each on CPU).
+        keep = min(B, -(-(B - n_done) // 8) * 8)
+        if n_done and n_done >= compact_fraction * B and keep < B:
+            # Drop finished rows by moving the live rows past `keep` into finished slots before
+            # it: copies at most n_done cache rows instead of gathering all of them.
+            donors = (~done[keep:]).nonzero().squeeze(-1) + keep  # (d,) live rows to move
+            holes = done[:keep].nonzero().squeeze(-1)[: donors.numel()]  # (d,) finished slots
+            cache.move_rows(donors, holes)
+            rows[holes], tok[holes], done[holes] = rows[donors], tok[donors], False
+            rows, tok, done = rows[:keep], tok[:keep], done[:keep]
+            n_done = keep - (B - n_done)
         logits = model(tok[:, None], cache=cache)[:, -1]  # (B, V)
 
     lengths, reasons = gen_len.tolist(), stopped.tolist()

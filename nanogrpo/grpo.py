@@ -31,8 +31,11 @@ import torch
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-# One chunk's float32 working copy of the logits is ~256 MiB: 441 rows at Qwen2's 151,936 vocab.
+# One chunk's float32 working copy of the logits: ~256 MiB on a GPU (441 rows at Qwen2's 151,936
+# vocab; few kernel launches), ~8 MiB on a CPU, where each chunk's handful of passes then runs from
+# cache instead of DRAM (measured on 2 cores, 32k vocab: fwd+bwd ~1.6x faster than 256 MiB chunks).
 _CHUNK_BYTES = 256 * 2**20
+_CPU_CHUNK_BYTES = 8 * 2**20
 
 
 def group_advantages(
@@ -87,6 +90,10 @@ class _TokenLogprobs(torch.autograd.Function):
     (which exist anyway), the per-row logsumexp and entropy are saved; the softmax is recomputed per
     chunk in backward and written straight into a gradient of the logits' own dtype.
     d logp_t / dx_j = 1[j=t] - p_j;  d H / dx_j = -p_j (log p_j + H).
+    Every full-width (b, t, V) pass is memory-bound, so both directions keep the count low: forward
+    uses the fused log_softmax kernel (one read-reduce-write) instead of logsumexp + subtract + exp;
+    backward forms log p with one broadcasting add straight into the gradient's storage and never
+    multiplies by a temperature of 1 (measured: ~30% less CPU time than the op-by-op version).
     """
 
     @staticmethod
@@ -97,13 +104,15 @@ class _TokenLogprobs(torch.autograd.Function):
         lse = logits.new_empty((B, T), dtype=cdtype)
         ent = logits.new_empty((B, T) if with_entropy else (0,), dtype=cdtype)
         for sb, st in _chunks(B, T, rows):
-            x = logits[sb, st].to(cdtype) * inv_temp  # (b, t, V) the one full-width temporary
-            l = torch.logsumexp(x, dim=-1)  # (b, t)
-            logp[sb, st] = x.gather(-1, targets[sb, st, None]).squeeze(-1) - l
-            lse[sb, st] = l
+            x = logits[sb, st]  # (b, t, V) a view
+            if inv_temp != 1.0:
+                x = x.to(cdtype) * inv_temp
+            ls = torch.log_softmax(x, dim=-1, dtype=cdtype)  # (b, t, V) fused: one temporary, no exp copy
+            logp[sb, st] = ls.gather(-1, targets[sb, st, None]).squeeze(-1)
+            # logsumexp = max x - max log p (both at the argmax): exact, no second exp pass.
+            lse[sb, st] = x.amax(-1).to(cdtype) - ls.amax(-1)
             if with_entropy:
-                x.sub_(l[..., None])  # log p
-                ent[sb, st] = -(x.exp().mul_(x)).sum(-1)
+                ent[sb, st] = -ls.exp().mul_(ls).sum(-1)
         ctx.save_for_backward(logits, targets, lse, ent)
         ctx.inv_temp, ctx.rows, ctx.with_entropy = inv_temp, rows, with_entropy
         ctx.set_materialize_grads(False)
@@ -120,23 +129,27 @@ class _TokenLogprobs(torch.autograd.Function):
         if g_logp is None and g_ent is None:
             return None, None, None, None, None
         B, T, _ = logits.shape
-        cdtype = lse.dtype
+        cdtype, inv = lse.dtype, ctx.inv_temp
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)  # (B, T, V) logits' dtype
+        direct = grad.dtype == cdtype  # build each chunk's gradient in place in `grad`
         for sb, st in _chunks(B, T, ctx.rows):
-            x = logits[sb, st].to(cdtype) * ctx.inv_temp  # (b, t, V)
-            x.sub_(lse[sb, st, None])  # log p
-            p = x.exp()
-            if g_ent is not None:
-                # -p * (g_logp + g_ent * (log p + H)), built in x's storage to save a temporary.
-                x.add_(ent[sb, st, None]).mul_(g_ent[sb, st, None].to(cdtype))
-                if g_logp is not None:
-                    x.add_(g_logp[sb, st, None].to(cdtype))
-                g = x.mul_(p).neg_()
+            # log p = x * inv - lse, in one pass from the logits (any dtype) to cdtype.
+            out = grad[sb, st] if direct else None
+            g = torch.add(lse[sb, st, None].neg(), logits[sb, st], alpha=inv, out=out)  # (b, t, V) log p
+            # grad = -inv p (g_logp + g_ent (log p + H)) + inv g_logp 1[j = target]
+            if g_ent is None:
+                g.exp_().mul_(g_logp[sb, st, None].to(cdtype) * -inv)
             else:
-                g = p.mul_(-g_logp[sb, st, None].to(cdtype))
+                ge = g_ent[sb, st, None].to(cdtype)
+                c = ge * ent[sb, st, None]  # (b, t, 1)
+                if g_logp is not None:
+                    c = c + g_logp[sb, st, None].to(cdtype)
+                p = g.exp()
+                g.mul_(ge * -inv).add_(c * -inv).mul_(p)
             if g_logp is not None:
-                g.scatter_add_(-1, targets[sb, st, None], g_logp[sb, st, None].to(cdtype))
-            grad[sb, st] = g.mul_(ctx.inv_temp)
+                g.scatter_add_(-1, targets[sb, st, None], g_logp[sb, st, None].to(cdtype) * inv)
+            if not direct:
+                grad[sb, st] = g
         return grad, None, None, None, None
 
 
@@ -152,8 +165,9 @@ def token_logprobs(
 
     Computed in float32 (float64 for float64 logits) `chunk_size` (b, t) positions at a time, so no
     extra full B*T*V float32 tensor exists in forward or backward. Differentiable w.r.t. logits for
-    both outputs. `chunk_size=None` picks ~256 MiB of float32 per chunk. The temperature must be the
-    sampler's so learner log-probs are comparable with the behaviour log-probs.
+    both outputs. `chunk_size=None` picks ~256 MiB of float32 per chunk on a GPU, ~8 MiB on a CPU.
+    The temperature must be the sampler's so learner log-probs are comparable with the behaviour
+    log-probs.
     """
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(
@@ -162,7 +176,8 @@ def token_logprobs(
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = chunk_size or max(1, _CHUNK_BYTES // (4 * logits.shape[-1]))
+    chunk_bytes = _CPU_CHUNK_BYTES if logits.device.type == "cpu" else _CHUNK_BYTES
+    rows = chunk_size or max(1, chunk_bytes // (4 * logits.shape[-1]))
     logp, ent = _TokenLogprobs.apply(logits, targets.long(), 1.0 / temperature, rows, with_entropy)
     return (logp, ent) if with_entropy else logp
 

@@ -65,6 +65,13 @@ def rope_cos_sin(inv_freq, position_ids, dtype):
     return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
 
 
+def additive_mask(allowed, dtype):
+    """Boolean (B, T, S) -> (B, 1, T, S) of 0 / -inf in `dtype`, built once per forward (SDPA
+    would otherwise convert a boolean mask in every layer)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf"))[:, None]
+
+
 def apply_rope(x, cos, sin):
     """x (B, T, H, D): rotate the two halves of each head (the HF 'rotate_half' layout)."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -100,6 +107,13 @@ class KVCache:
         for t in self.k + self.v:
             t[:n, :, :s] = t[idx, :, :s]
         self.lengths[:n] = self.lengths[idx]
+
+    def move_rows(self, src: torch.Tensor, dst: torch.Tensor):
+        """Copy rows src[i] -> dst[i] (disjoint sets); the rest stay where they are."""
+        s = self.bound
+        for t in self.k + self.v:
+            t[dst, :, :s] = t[src, :, :s]
+        self.lengths[dst] = self.lengths[src]
 
 
 class Attention(nn.Module):
@@ -187,6 +201,7 @@ class Qwen2(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute each layer in backward to save activations
         self._inv_freq = {}  # device -> (D/2,) fp32; computed lazily so meta-device init stays cheap
+        self._rope = {}  # (device, dtype) -> cos, sin tables (L, D) for positions [0, L)
 
     # ---------------------------------------------------------------- construction and I/O
     def init_weights(self, seed: int | None = None):
@@ -269,8 +284,25 @@ class Qwen2(nn.Module):
     # ---------------------------------------------------------------- forward
     def inv_freq(self, device) -> torch.Tensor:
         if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config, device)
+            # Cached tensors must be normal tensors even when first built under generate's
+            # inference_mode, or a later training forward could not save them for backward.
+            with torch.inference_mode(False):
+                self._inv_freq[device] = rope_inv_freq(self.config, device)
         return self._inv_freq[device]
+
+    def rope_table(self, n: int, device, dtype):
+        """cos, sin (L >= n, D) for positions [0, L), grown on demand.
+
+        A decode step then gathers one row per sequence instead of recomputing cos/sin of
+        (B, D) angles. Same fp32 maths as rope_cos_sin, so values are bit-identical.
+        """
+        key = (device, dtype)
+        if key not in self._rope or self._rope[key][0].shape[0] < n:
+            L = max(n, 2 * self._rope[key][0].shape[0] if key in self._rope else 256)
+            with torch.inference_mode(False):  # see inv_freq
+                cos, sin = rope_cos_sin(self.inv_freq(device), torch.arange(L, device=device)[None], dtype)
+            self._rope[key] = (cos[0, :, 0], sin[0, :, 0])
+        return self._rope[key]
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                 input_lengths=None, logits_at=None, return_hidden: bool = False):
@@ -288,29 +320,36 @@ class Qwen2(nn.Module):
         B, T = input_ids.shape
         dev = input_ids.device
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        mask, pos = None, None
+        mask, pos, n_pos = None, None, T  # n_pos: host-side bound on the positions used
+        explicit_positions = position_ids is not None
         if cache is not None:
             if input_lengths is None:
                 input_lengths = torch.full((B,), T, dtype=torch.long, device=dev)
             if cache.bound + T > cache.max_len:
                 raise ValueError(f"KV cache of {cache.max_len} positions cannot take {T} more tokens")
             cache.bound += T
+            n_pos = cache.bound
             pos = cache.lengths[:B, None] + torch.arange(T, device=dev)  # (B, T)
             position_ids = pos
             # A query sees keys at positions <= its own; this is causal and also hides stale
-            # keys past each row's length.
+            # keys past each row's length. Built once as an additive mask for all layers.
             key_pos = torch.arange(cache.bound, device=dev)  # (S,)
-            mask = (key_pos[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, S)
+            mask = additive_mask(key_pos[None, None, :] <= pos[:, :, None], x.dtype)  # (B, 1, T, S)
         elif attention_mask is not None:
             am = attention_mask.bool()  # (B, T)
             if position_ids is None:
                 position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
             # Every query also sees itself, so a padding query's softmax is never empty (NaN).
-            mask = ((causal[None] & am[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev))[:, None]
-        if position_ids is None:
-            position_ids = torch.arange(T, device=dev)[None].expand(B, T)
-        cos, sin = rope_cos_sin(self.inv_freq(dev), position_ids, x.dtype)
+            mask = additive_mask((causal[None] & am[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev), x.dtype)
+        if explicit_positions:  # any positions (packed sequences, offsets): compute directly
+            cos, sin = rope_cos_sin(self.inv_freq(dev), position_ids, x.dtype)
+        else:
+            cos, sin = self.rope_table(n_pos, dev, x.dtype)  # (L, D)
+            if position_ids is None:
+                cos, sin = cos[None, :T, None], sin[None, :T, None]  # (1, T, 1, D)
+            else:
+                cos, sin = cos[position_ids][:, :, None], sin[position_ids][:, :, None]  # (B, T, 1, D)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)

@@ -162,3 +162,20 @@ def test_gradient_checkpointing_same_loss_and_grads():
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], atol=1e-6, rtol=1e-5, msg=k)
     assert any(v.abs().sum() > 0 for k, v in g0.items() if k.endswith("q_proj.bias"))
+
+
+def test_training_after_generation_on_the_same_model():
+    """Guards against tensors cached during generate (under inference_mode: RoPE tables) being
+    inference tensors, which a later training forward cannot save for backward."""
+    from nanogrpo.config import ModelConfig
+    from nanogrpo.generate import generate
+
+    cfg = ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = Qwen2.from_config(cfg, seed=0)
+    generate(model.eval(), [[1, 2, 3]], n=2, max_new_tokens=4)
+    model.train()
+    ids = torch.randint(0, 97, (2, 8))
+    model(ids).logsumexp(-1).mean().backward()
+    model(ids, attention_mask=torch.ones_like(ids)).logsumexp(-1).mean().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad is not None

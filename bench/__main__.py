@@ -1,0 +1,327 @@
+"""The benchmark suite: `python -m bench [--quick]`.
+
+Runs the sub-benchmarks one after another as subprocesses (so one crashing or leaking memory
+cannot take the others down), then the end-to-end default run, then prints one table with a row
+per figure (value, the peer or machine limit it is compared to, the ratio, the target, pass/miss)
+and writes bench/results.json with the machine description and every sub-result.
+
+    python -m bench --quick     # < 10 min on 2 cores
+    python -m bench             # full sub-benchmarks, ~20 min on 2 cores
+
+  generate   bench/generate.py -> results_generate.json  rollout tokens/s vs transformers.generate
+  learner    bench/learner.py  -> results_learner.json   GRPO step tokens/s vs transformers + AdamW
+  scaling    bench/scaling.py  -> results_scaling.json   1 -> 2 rollout workers, weight sync, async
+  e2e        python launch.py --out TMP (the default run): time to +0.20 held-out success over the
+             first eval, and the fraction of the GRPO phase the learner spent waiting for data.
+
+A sub-benchmark that fails (non-zero exit, time-out, missing or stale JSON) shows up as a
+"failed" row; the suite carries on. Every sub-process inherits this environment plus
+PYTHONPATH=<repo root>; the load average before each is recorded, since on a shared 2-core
+machine other jobs change wall-clock figures (the learner benchmark also reports CPU-time ratios).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+# name -> (module, results file, time limit in seconds: quick, full)
+SUBS = {
+    "generate": ("bench.generate", "results_generate.json", (240, 600)),
+    "learner": ("bench.learner", "results_learner.json", (240, 600)),
+    "scaling": ("bench.scaling", "results_scaling.json", (240, 600)),
+}
+E2E_LIMIT_S = 900
+# The success threshold of the end-to-end run: first eval >= initial eval + this.
+E2E_GAIN = 0.20
+# Targets, one place: (comparison, bound). ">=" means the ratio must be at least the bound.
+TARGETS = {
+    "generate_speedup": (">=", 1.0),       # our sampler vs transformers.generate, same work
+    "learner_speedup": (">=", 1.0),        # our GRPO step vs transformers + torch AdamW, same batches
+    "ckpt_time": ("<=", 1.5),              # one extra forward per step should cost <= +50%
+    "ckpt_mem": ("<=", 0.75),              # ... and buy at least a quarter of the step's peak memory
+    "rollout_scaling": (">=", 1.8),        # 2 workers vs 1 on 2 cores
+    "publish_load": ("<=", 2.0),           # publish + load one version vs one local memcpy
+    "async_speedup": (">=", 1.5),          # steps/min with staleness 1 vs 0
+    "e2e_reach": ("<=", 1.0),              # time to threshold / GRPO wall: reached within the run
+    "e2e_idle": ("<=", 0.5),               # learner waits for data at most half the GRPO phase
+}
+
+
+# ----------------------------------------------------------------------------- machine
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    cuda = None
+    if torch.cuda.is_available():
+        cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": cuda, "platform": platform.platform()}
+
+
+def loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------- sub-processes
+def run_streamed(cmd: list[str], limit_s: float, log_path: Path, echo: bool) -> tuple[int | None, float, str]:
+    """Run cmd in the repo root, tee its output (stdout + stderr) to log_path and, if echo, to our
+    stdout with a prefix. -> (exit code or None on time-out, wall seconds, last non-empty line)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    last = ""
+    timed_out = threading.Event()
+    with log_path.open("w") as log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                                     stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        def kill():
+            timed_out.set()
+            proc.kill()  # our end of the pipe then sees EOF and the loop below ends
+
+        timer = threading.Timer(limit_s, kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if line.strip():
+                    last = line.strip()
+                if echo:
+                    print("    | " + line.rstrip()[:200], flush=True)
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+    return (None if timed_out.is_set() else rc), time.perf_counter() - t0, last
+
+
+def run_sub(name: str, quick: bool, logs: Path) -> dict:
+    module, fname, limits = SUBS[name]
+    limit = limits[0] if quick else limits[1]
+    out = BENCH / fname
+    cmd = [sys.executable, "-m", module] + (["--quick"] if quick else [])
+    load = loadavg()
+    print(f"\n== {name}: {' '.join(cmd[1:])} (limit {limit}s, load average {load})", flush=True)
+    started = time.time()
+    rc, wall, last = run_streamed(cmd, limit, logs / f"{name}.log", echo=True)
+    res = {"cmd": " ".join(cmd[1:]), "rc": rc, "wall_s": round(wall, 1), "last_line": last,
+           "load_before": load, "log": str(logs / f"{name}.log")}
+    result, why = None, None
+    if rc is None:
+        why = f"timed out after {limit}s"
+    elif rc != 0:
+        why = f"exit code {rc}"
+    elif not out.is_file() or out.stat().st_mtime < started:
+        why = f"{out.name} was not written by this run"
+    else:
+        try:
+            result = json.loads(out.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            why = f"{out.name} unreadable: {e}"
+    res["result"], res["error"] = result, why
+    print(f"== {name}: {'ok' if why is None else 'FAILED (' + why + ')'} in {wall:.0f}s", flush=True)
+    return res
+
+
+# ----------------------------------------------------------------------------- end to end
+def end_to_end(logs: Path, keep: bool) -> dict:
+    """The default run as a user starts it; figures from its metrics.csv and summary.json."""
+    tmp = Path(tempfile.mkdtemp(prefix="nanogrpo-bench-"))
+    run_dir = tmp / "run"
+    cmd = [sys.executable, "launch.py", "--out", str(run_dir)]
+    load = loadavg()
+    print(f"\n== e2e: python launch.py --out {run_dir} (the default run; limit {E2E_LIMIT_S}s, load average "
+          f"{load})", flush=True)
+    rc, wall, last = run_streamed(cmd, E2E_LIMIT_S, logs / "e2e.log", echo=False)
+    res = {"cmd": f"python launch.py --out {run_dir}", "rc": rc, "process_wall_s": round(wall, 1),
+           "last_line": last, "load_before": load, "log": str(logs / "e2e.log"), "run_dir": str(run_dir) if keep else None}
+    try:
+        if rc != 0:
+            raise RuntimeError("timed out" if rc is None else f"exit code {rc}: {last}")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+        evals = [(int(r["step"]), float(r["wall_time"]), float(r["eval_success"])) for r in rows if r["eval_success"]]
+        if not evals:
+            raise RuntimeError("metrics.csv has no eval_success values")
+        e0 = evals[0][2]
+        threshold = e0 + E2E_GAIN
+        hit = next(((s, t, e) for s, t, e in evals[1:] if e >= threshold - 1e-9), None)
+        grpo_wall = float(summary["wall_seconds"])
+        idle = sum(float(r["learner_idle_s"]) for r in rows if r.get("learner_idle_s"))
+        res.update({
+            "steps": summary["steps"], "grpo_wall_s": grpo_wall, "eval_first": e0,
+            "eval_best": summary.get("eval_best"), "eval_last": summary.get("eval_last"),
+            "threshold": threshold, "reached": hit is not None,
+            "reached_step": hit[0] if hit else None, "reached_wall_s": hit[1] if hit else None,
+            "learner_idle_s": idle, "learner_idle_frac": idle / grpo_wall if grpo_wall > 0 else None,
+            "evals": [{"step": s, "wall_time": t, "eval_success": e} for s, t, e in evals],
+        })
+        print(f"== e2e: ok in {wall:.0f}s: eval {e0:.3f} -> best {summary.get('eval_best'):.3f}, "
+              f"threshold {threshold:.3f} {'reached at step %d (%.0fs)' % hit[:2] if hit else 'not reached'}, "
+              f"learner idle {idle:.0f}s of {grpo_wall:.0f}s", flush=True)
+        res["error"] = None
+    except (OSError, RuntimeError, KeyError, ValueError, json.JSONDecodeError) as e:
+        res["error"] = str(e)
+        print(f"== e2e: FAILED ({e}); log: {logs / 'e2e.log'}", flush=True)
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
+# ----------------------------------------------------------------------------- the table
+def verdict(key: str, ratio: float | None) -> tuple[str, str]:
+    op, bound = TARGETS[key]
+    target = f"{op} {bound:.2f}x"
+    if ratio is None:
+        return target, "miss"
+    ok = ratio >= bound if op == ">=" else ratio <= bound
+    return target, "pass" if ok else "miss"
+
+
+def table_rows(subs: dict, e2e: dict | None) -> list[dict]:
+    rows = []
+
+    def add(name, value, peer, ratio, key=None, note="", pct=False):
+        target, ok = verdict(key, ratio) if key else ("-", "info")
+        rows.append({"figure": name, "value": value, "vs": peer,
+                     "ratio": None if ratio is None else round(ratio, 4), "pct": pct, "target": target,
+                     "result": ok, "note": note})
+
+    def failed(name, why):
+        rows.append({"figure": name, "value": "failed", "vs": "", "ratio": None, "target": "",
+                     "result": "failed", "note": why})
+
+    g = subs.get("generate")
+    if g is not None:
+        if g["result"] is None:
+            failed("generate (rollout tokens/s vs transformers.generate)", g["error"])
+        else:
+            for r in g["result"]["rows"]:
+                w = f"{r['workload']} {r['dtype']}"
+                add(f"rollout tok/s, {w}", f"{r['ours_tok_s']:.0f}", f"transformers {r['hf_tok_s']:.0f}",
+                    r["speedup"], "generate_speedup")
+                add(f"rollout FLOP/s, {w}", f"{r['ours_gflops']:.1f} GFLOP/s",
+                    f"matmul peak {r['peak_gflops']:.0f}", r["frac_of_peak"], pct=True)
+    lr = subs.get("learner")
+    if lr is not None:
+        if lr["result"] is None:
+            failed("learner (GRPO step tokens/s vs transformers + AdamW)", lr["error"])
+        else:
+            for r in lr["result"]["rows"]:
+                w = f"{r['workload']} {r['dtype']}"
+                add(f"learner completion tok/s, {w}", f"{r['ours_completion_tok_s']:.0f}",
+                    f"transformers {r['peer_completion_tok_s']:.0f}", r["speedup"], "learner_speedup",
+                    f"cpu-time ratio {r['speedup_cpu_time']:.2f}x")
+                add(f"learner FLOP/s, {w}", f"{r['ours_gflops']:.1f} GFLOP/s",
+                    f"matmul peak {r['peak_gflops']:.0f}", r["ours_frac_of_peak"], pct=True)
+                if "ckpt_time_ratio" in r:
+                    add(f"grad checkpointing step time, {r['workload']}", f"{r['ckpt_on_s']:.2f} s",
+                        f"off {r['ckpt_off_s']:.2f} s", r["ckpt_time_ratio"], "ckpt_time")
+                if "ckpt_mem_ratio" in r:
+                    add(f"grad checkpointing peak memory, {r['workload']}", f"{r['peak_mem_ours_ckpt_MiB']:.0f} MiB",
+                        f"off {r['peak_mem_ours_MiB']:.0f} MiB", r["ckpt_mem_ratio"], "ckpt_mem",
+                        f"peer {r['peak_mem_peer_MiB']:.0f} MiB; {r['mem_method']}")
+    s = subs.get("scaling")
+    if s is not None:
+        if s["result"] is None:
+            failed("scaling (rollout workers, weight sync, async)", s["error"])
+        else:
+            ro, ws, asy = s["result"]["rollout"], s["result"]["weight_sync"], s["result"]["async"]
+            add("rollout tok/s, 2 workers", f"{ro['tokens_per_s_2_workers']:.0f}",
+                f"1 worker {ro['tokens_per_s_1_worker']:.0f}", ro["scaling_1_to_2"], "rollout_scaling")
+            for n in (1, 2, 4):
+                if f"publish_load_s_{n}_workers" in ws:
+                    add(f"publish+load 0.5B bf16, {n} worker(s)", f"{1e3 * ws[f'publish_load_s_{n}_workers']:.0f} ms",
+                        f"memcpy {1e3 * ws['memcpy_s']:.0f} ms", ws[f"vs_memcpy_{n}_workers"], "publish_load")
+            add("steps/min, max-staleness 1", f"{asy['k1_steps_per_min']:.0f}",
+                f"staleness 0: {asy['k0_steps_per_min']:.0f}", asy["async_speedup"], "async_speedup",
+                f"learner idle {asy['k1_learner_idle_frac']:.0%} vs {asy['k0_learner_idle_frac']:.0%}")
+    if e2e is not None:
+        if e2e.get("error"):
+            failed("e2e default run", e2e["error"])
+        else:
+            reach = e2e["reached_wall_s"]
+            add(f"e2e time to eval >= {e2e['threshold']:.3f} (first {e2e['eval_first']:.3f} + {E2E_GAIN:.2f})",
+                f"{reach:.0f} s (step {e2e['reached_step']})" if e2e["reached"] else "not reached",
+                f"GRPO wall {e2e['grpo_wall_s']:.0f} s", reach / e2e["grpo_wall_s"] if e2e["reached"] else None,
+                "e2e_reach", f"best eval {e2e['eval_best']:.3f}, {e2e['steps']} steps")
+            add("e2e learner waiting for data", f"{e2e['learner_idle_s']:.0f} s",
+                f"GRPO wall {e2e['grpo_wall_s']:.0f} s", e2e["learner_idle_frac"], "e2e_idle")
+    return rows
+
+
+def fmt_ratio(r: dict) -> str:
+    if r["ratio"] is None:
+        return ""
+    return f"{100 * r['ratio']:.1f}%" if r.get("pct") else f"{r['ratio']:.2f}x"
+
+
+def print_table(rows: list[dict]) -> str:
+    head = ("figure", "value", "compared to", "ratio", "target", "result")
+    body = [(r["figure"], r["value"], r["vs"], fmt_ratio(r), r["target"], r["result"]) for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + body]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="quick sub-benchmarks (suite < 10 min on 2 cores)")
+    ap.add_argument("--only", nargs="+", choices=list(SUBS) + ["e2e"], help="run only these parts")
+    ap.add_argument("--keep-run", action="store_true", help="keep the end-to-end run directory")
+    ap.add_argument("--out", default=str(BENCH / "results.json"))
+    args = ap.parse_args()
+    parts = args.only or list(SUBS) + ["e2e"]
+    t0 = time.perf_counter()
+    mach = machine()
+    print(f"machine: {mach['cpu']}, {mach['cores']} cores, {mach['mem_gib']} GiB, torch {mach['torch']}, "
+          f"CUDA {mach['cuda'] or 'none'}; load average {loadavg()}", flush=True)
+    logs = Path(tempfile.mkdtemp(prefix="nanogrpo-bench-logs-"))
+    subs = {}
+    for name in SUBS:
+        if name in parts:
+            subs[name] = run_sub(name, args.quick, logs)
+    e2e = end_to_end(logs, args.keep_run) if "e2e" in parts else None
+    rows = table_rows(subs, e2e)
+    total = time.perf_counter() - t0
+    print(f"\n== nanogrpo benchmark suite ({'--quick' if args.quick else 'full'}), {total / 60:.1f} min; "
+          f"{mach['cpu']}, {mach['cores']} cores, torch {mach['torch']}, CUDA {mach['cuda'] or 'none'}")
+    table = print_table(rows)
+    result = {"machine": mach, "quick": args.quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "suite_wall_s": round(total, 1), "load_after": loadavg(), "logs": str(logs), "targets": TARGETS,
+              "table": rows, "table_text": table, "sub_benchmarks": subs, "e2e": e2e}
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    n_fail = sum(r["result"] == "failed" for r in rows)
+    n_miss = sum(r["result"] == "miss" for r in rows)
+    print(f"\nwrote {args.out} (logs in {logs}); {len(rows)} figures, {n_miss} missed targets, {n_fail} failed parts")
+
+
+if __name__ == "__main__":
+    main()
