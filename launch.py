@@ -245,6 +245,8 @@ def run(cfg, given: set[str]) -> Path:
     metrics_log = MetricsLog(run_dir, start_step if ckpt else None)
     W, B, k = len(workers), cfg.prompts_per_step, cfg.max_staleness
     pids = [i["pid"] for i in info[1:]]  # a changed pid means Ray restarted that worker
+    down = [False] * W  # a call failed and the restarted process has not answered yet
+    retry_at = [0.0] * W  # earliest time to send a worker that just failed another call
     n_train = len(task.train)
 
     # Supervised warm start (fresh runs only), then the first published weights.
@@ -313,8 +315,10 @@ def run(cfg, given: set[str]) -> Path:
                          for j in range(B)]
                 queue.extend(items[i:i + chunk] for i in range(0, B, chunk))
                 dispatch_step += 1
-            while idle and queue:
-                w = idle.pop(0)
+            now = time.perf_counter()
+            while queue and any(retry_at[i] <= now for i in idle):
+                w = next(i for i in idle if retry_at[i] <= now)
+                idle.remove(w)
                 work = queue.popleft()
                 r = workers[w].rollout.remote(work, sync.ref_for(weights), version)
                 in_flight[r], started[r] = (w, work), time.perf_counter()
@@ -322,7 +326,9 @@ def run(cfg, given: set[str]) -> Path:
             if step_ref is None:
                 take = buffer.take.remote(B, max(0, step - k), cfg.sync_timeout)
                 step_ref = learner.train_step.remote(take)
-            ready, _ = ray.wait(list(in_flight) + [step_ref], num_returns=1, timeout=min(5.0, cfg.sync_timeout))
+            waiting_retry = bool(queue) and any(retry_at[i] > now for i in idle)
+            ready, _ = ray.wait(list(in_flight) + [step_ref], num_returns=1,
+                                timeout=0.25 if waiting_retry else min(5.0, cfg.sync_timeout))
             if not ready:
                 now = time.perf_counter()
                 for r, (w, work) in in_flight.items():
@@ -347,15 +353,22 @@ def run(cfg, given: set[str]) -> Path:
                     window["gen"] += st["gen_seconds"]
                     window["sync"] += st["sync_seconds"]
                     window["tokens"] += st["tokens"]
-                    if st["pid"] != pids[w]:  # died while idle; Ray restarted it and it loaded the latest weights
-                        pids[w] = st["pid"]
-                        restarts += 1
-                        log(f"rollout worker {w} was restarted (pid {st['pid']}); restarts so far: {restarts}")
+                    if st["pid"] != pids[w]:  # a new process: Ray restarted this worker
+                        if not down[w]:  # it died while idle, so no call failed to tell us
+                            restarts += 1
+                            log(f"rollout worker {w} was restarted; restarts so far: {restarts}")
+                        pids[w], down[w] = st["pid"], False
                 except RayActorError as e:
-                    # Died mid-call: Ray restarts the actor (max_restarts=-1); the new process starts at
-                    # version -1, so its next call loads the latest published weights before generating.
+                    # Died mid-call (or is still restarting): Ray restarts the actor (max_restarts=-1);
+                    # the new process starts at version -1, so its next call loads the latest
+                    # published weights before generating. Count each death once.
+                    if not down[w]:
+                        down[w] = True
+                        restarts += 1
+                        log(f"rollout worker {w} died ({type(e).__name__}); restarts so far: {restarts}; "
+                            f"re-issuing its {len(work)} prompts")
                     queue.appendleft(work)
-                    log(f"rollout worker {w} died ({type(e).__name__}); re-issuing its {len(work)} prompts")
+                    retry_at[w] = time.perf_counter() + 1.0  # do not spin on an actor that is restarting
                 idle.append(w)
                 continue
             # The learner finished a step.

@@ -76,26 +76,31 @@ def test_rollout_worker_sigkill_twice(tmp_path):
     """Guards against a dead rollout worker taking the run down, a restarted worker generating
     with stale initial weights forever, and episodes lost in the accounting."""
     run_dir = tmp_path / "run"
-    p = start(["--out", str(run_dir), "--steps", "150", "--prompts-per-step", "4", "--group-size", "4",
+    p = start(["--out", str(run_dir), "--steps", "600", "--prompts-per-step", "4", "--group-size", "4",
                "--sft-steps", "0", "--eval-every", "0", "--save-every", "0", "--quiet", "true"], tmp_path)
     try:
         wait_for(lambda: len(step_rows(run_dir)) >= 5, 180, "5 steps")
         seen = set(session_pids(p.pid, "ray::RolloutWorker"))
         assert len(seen) == 2
         victim = sorted(seen)[0]
-        for _ in range(2):
+        for i in range(2):
             os.kill(victim, signal.SIGKILL)
-            n = len(step_rows(run_dir))
             wait_for(lambda: len(set(session_pids(p.pid, "ray::RolloutWorker")) - seen) > 0, 120, "a restarted worker")
             victim = (set(session_pids(p.pid, "ray::RolloutWorker")) - seen).pop()  # kill the new one next
             seen.add(victim)
+            # The driver has counted this death, and the new process is past its start-up (a kill
+            # during start-up would be the same outage, not a second restart).
+            wait_for(lambda: any(int(r["worker_restarts"] or 0) > i for r in step_rows(run_dir)) or p.poll() is not None,
+                     180, "the driver to count the restart")
+            n = len(step_rows(run_dir))
+            time.sleep(15)
             wait_for(lambda: len(step_rows(run_dir)) >= n + 10 or p.poll() is not None, 180, "progress after restart")
         out, err = p.communicate(timeout=300)
     finally:
         kill_session(p)
     assert p.returncode == 0, err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 150
+    assert summary["steps"] == 600
     assert summary["worker_restarts"] == 2, out[-3000:]
     assert summary["produced"] == summary["consumed"] + summary["dropped"] + summary["in_buffer"]
 
