@@ -107,3 +107,39 @@ def test_end_to_end_tiny_run_learns(tmp_path):
     Qwen2.from_pretrained(ckpt)
     Tokenizer.from_pretrained(ckpt)
     assert json.loads((ckpt / "MANIFEST.json").read_text())["complete"]
+
+
+def test_tokenizer_without_chat_template_rejected(tmp_path):
+    """Guards against a run that starts and then fails on the first prompt because the tokenizer
+    cannot render chats."""
+    from nanogrpo.model import Qwen2
+    from nanogrpo.tiny import TINY_MODEL_CONFIG, write_tiny_model_dir
+    d = write_tiny_model_dir(tmp_path / "m")
+    Qwen2.from_config(TINY_MODEL_CONFIG).save_pretrained(d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in d.glob("*.jinja"):
+        f.unlink()
+    out = launch("--model", str(d), "--out", str(tmp_path / "run"), timeout=120)
+    assert out.returncode == 2 and "chat" in out.stderr and "template" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_more_gpus_than_cluster_rejected(tmp_path):
+    """Guards against asking for GPUs the cluster does not have and hanging in placement."""
+    out = launch("--gpus-per-worker", "1", "--out", str(tmp_path / "run"), timeout=180)
+    assert out.returncode == 2 and "GPUs" in out.stderr and "cluster has 0" in out.stderr, out.stderr[-2000:]
+
+
+def test_resume_with_only_a_corrupt_checkpoint_rejected(tmp_path):
+    """Guards against resuming from a damaged checkpoint (it must be refused, never loaded)."""
+    from nanogrpo.runconfig import RunConfig
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run / "config.json").write_text(RunConfig(out=str(run)).to_json())
+    ck = run / "checkpoints" / "step-000004"
+    (ck / "model.safetensors").write_bytes(b"\0" * 10)
+    (ck / "MANIFEST.json").write_text(json.dumps({"complete": True, "files": {"model.safetensors": 999}}))
+    out = launch("--resume", str(run), timeout=120)
+    assert out.returncode == 2 and "no complete checkpoint" in out.stderr, out.stderr[-2000:]
