@@ -13,6 +13,8 @@ and writes bench/results.json with the machine description and every sub-result.
   scaling    bench/scaling.py  -> results_scaling.json   1 -> 2 rollout workers, weight sync, async
   e2e        python launch.py --out TMP (the default run): time to +0.20 held-out success over the
              first eval, and the fraction of the GRPO phase the learner spent waiting for data.
+             With --quick the run is stopped cleanly (SIGINT) at that threshold or after 180 s of
+             GRPO; without, it runs all its steps (800 by default: ~8-10 min on 2 cores).
 
 A sub-benchmark that fails (non-zero exit, time-out, missing or stale JSON) shows up as a
 "failed" row; the suite carries on. Every sub-process inherits this environment plus
@@ -27,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,13 +39,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-# name -> (module, results file, time limit in seconds: quick, full)
+# name -> (module, results file, time limit in seconds: quick, full). The limits are safety nets at
+# ~3x the time on 2 idle cores (generate/learner/scaling --quick: ~1.5 min each), so a sub-benchmark
+# slowed by other jobs on a shared machine still finishes.
 SUBS = {
-    "generate": ("bench.generate", "results_generate.json", (240, 600)),
-    "learner": ("bench.learner", "results_learner.json", (240, 600)),
-    "scaling": ("bench.scaling", "results_scaling.json", (240, 600)),
+    "generate": ("bench.generate", "results_generate.json", (360, 900)),
+    "learner": ("bench.learner", "results_learner.json", (300, 900)),
+    "scaling": ("bench.scaling", "results_scaling.json", (360, 900)),
 }
-E2E_LIMIT_S = 900
+E2E_LIMIT_S = 1800
+KILL_GRACE_S = 60  # after a time limit's SIGINT, before SIGKILL
+# --quick: the default run is stopped cleanly at the threshold or after this much GRPO time.
+E2E_QUICK_CAP_S = 180
 # The success threshold of the end-to-end run: first eval >= initial eval + this.
 E2E_GAIN = 0.20
 # Targets, one place: (comparison, bound). ">=" means the ratio must be at least the bound.
@@ -89,33 +97,52 @@ def loadavg() -> float | None:
 
 
 # ----------------------------------------------------------------------------- sub-processes
-def run_streamed(cmd: list[str], limit_s: float, log_path: Path, echo: bool) -> tuple[int | None, float, str]:
+def run_streamed(cmd: list[str], limit_s: float, log_path: Path, echo: bool,
+                 watch=None) -> tuple[int | None, float, str]:
     """Run cmd in the repo root, tee its output (stdout + stderr) to log_path and, if echo, to our
-    stdout with a prefix. -> (exit code or None on time-out, wall seconds, last non-empty line)."""
+    stdout with a prefix. watch(elapsed_s) -> True sends the child one SIGINT (a clean stop).
+    At limit_s it gets SIGINT, KILL_GRACE_S later SIGKILL (with its process group).
+    -> (exit code, or None if it ran past limit_s; wall seconds; last non-empty line)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
-    last = ""
-    timed_out = threading.Event()
+    last = [""]
+    # Own process group, so a hard kill also takes down what it started (e.g. a local Ray cluster).
     with log_path.open("w") as log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                                     stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        def kill():
-            timed_out.set()
-            proc.kill()  # our end of the pipe then sees EOF and the loop below ends
-
-        timer = threading.Timer(limit_s, kill)
-        timer.start()
-        try:
+                                                     stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                                     start_new_session=True) as proc:
+        def pump():
             for line in proc.stdout:
                 log.write(line)
                 if line.strip():
-                    last = line.strip()
+                    last[0] = line.strip()
                 if echo:
                     print("    | " + line.rstrip()[:200], flush=True)
-            rc = proc.wait()
-        finally:
-            timer.cancel()
-    return (None if timed_out.is_set() else rc), time.perf_counter() - t0, last
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        timed_out, interrupted = False, False
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=2.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    elapsed = time.perf_counter() - t0
+                    if elapsed > limit_s + KILL_GRACE_S:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    elif elapsed > limit_s and not timed_out:
+                        timed_out = True  # ask first (a clean stop), kill after the grace period
+                        proc.send_signal(signal.SIGINT)
+                    elif watch is not None and not interrupted and watch(elapsed):
+                        interrupted = True
+                        proc.send_signal(signal.SIGINT)
+        except KeyboardInterrupt:  # our Ctrl-C does not reach a child in its own session: pass it on
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=KILL_GRACE_S)
+            raise
+        reader.join(timeout=10)
+    return (None if timed_out else proc.returncode), time.perf_counter() - t0, last[0]
 
 
 def run_sub(name: str, quick: bool, logs: Path) -> dict:
@@ -147,40 +174,74 @@ def run_sub(name: str, quick: bool, logs: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- end to end
-def end_to_end(logs: Path, keep: bool) -> dict:
-    """The default run as a user starts it; figures from its metrics.csv and summary.json."""
+def read_evals(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(step, wall_time, eval_success) of every eval row in metrics.csv so far (step 0 first)."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [(int(r["step"]), float(r["wall_time"]), float(r["eval_success"]))
+                for r in csv.DictReader(f) if r.get("eval_success")]
+
+
+def first_hit(evals, threshold):
+    return next(((s, t, e) for s, t, e in evals[1:] if e >= threshold - 1e-9), None)
+
+
+def end_to_end(logs: Path, keep: bool, cap_s: float | None) -> dict:
+    """The default run as a user starts it; figures from its metrics.csv and summary.json.
+
+    cap_s (--quick): stop the run cleanly (SIGINT: launch.py saves a checkpoint and writes its
+    summary) once it reaches the threshold or after cap_s seconds of its GRPO phase, whichever comes
+    first; the learner-idle fraction is then over the part that ran. None: run it to the end.
+    """
     tmp = Path(tempfile.mkdtemp(prefix="nanogrpo-bench-"))
     run_dir = tmp / "run"
     cmd = [sys.executable, "launch.py", "--out", str(run_dir)]
     load = loadavg()
-    print(f"\n== e2e: python launch.py --out {run_dir} (the default run; limit {E2E_LIMIT_S}s, load average "
-          f"{load})", flush=True)
-    rc, wall, last = run_streamed(cmd, E2E_LIMIT_S, logs / "e2e.log", echo=False)
-    res = {"cmd": f"python launch.py --out {run_dir}", "rc": rc, "process_wall_s": round(wall, 1),
-           "last_line": last, "load_before": load, "log": str(logs / "e2e.log"), "run_dir": str(run_dir) if keep else None}
+    cap = f"stopped at the threshold or after {cap_s:.0f}s of GRPO" if cap_s else "run to the end"
+    print(f"\n== e2e: python launch.py --out {run_dir} (the default run, {cap}; limit {E2E_LIMIT_S}s, "
+          f"load average {load})", flush=True)
+    grpo_start = []
+
+    def watch(elapsed: float) -> bool:
+        evals = read_evals(run_dir)
+        if not evals:  # still starting up or in the supervised warm start: never interrupt there
+            return False
+        if not grpo_start:
+            grpo_start.append(elapsed)
+        hit = len(evals) > 1 and first_hit(evals, evals[0][2] + E2E_GAIN)
+        return bool(hit) or elapsed - grpo_start[0] > cap_s
+
+    rc, wall, last = run_streamed(cmd, E2E_LIMIT_S, logs / "e2e.log", echo=False, watch=watch if cap_s else None)
+    res = {"cmd": f"python launch.py --out {run_dir}", "cap_s": cap_s, "rc": rc, "process_wall_s": round(wall, 1),
+           "last_line": last, "load_before": load, "log": str(logs / "e2e.log"),
+           "run_dir": str(run_dir) if keep else None}
     try:
         if rc != 0:
-            raise RuntimeError("timed out" if rc is None else f"exit code {rc}: {last}")
+            raise RuntimeError(f"timed out after {E2E_LIMIT_S}s" if rc is None else f"exit code {rc}: {last}")
         summary = json.loads((run_dir / "summary.json").read_text())
-        rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-        evals = [(int(r["step"]), float(r["wall_time"]), float(r["eval_success"])) for r in rows if r["eval_success"]]
+        with (run_dir / "metrics.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        evals = read_evals(run_dir)
         if not evals:
             raise RuntimeError("metrics.csv has no eval_success values")
         e0 = evals[0][2]
         threshold = e0 + E2E_GAIN
-        hit = next(((s, t, e) for s, t, e in evals[1:] if e >= threshold - 1e-9), None)
+        hit = first_hit(evals, threshold)
         grpo_wall = float(summary["wall_seconds"])
         idle = sum(float(r["learner_idle_s"]) for r in rows if r.get("learner_idle_s"))
         res.update({
-            "steps": summary["steps"], "grpo_wall_s": grpo_wall, "eval_first": e0,
-            "eval_best": summary.get("eval_best"), "eval_last": summary.get("eval_last"),
+            "steps": summary["steps"], "stopped_early": bool(summary.get("interrupted")), "grpo_wall_s": grpo_wall,
+            "eval_first": e0, "eval_best": max(e for _, _, e in evals), "eval_last": evals[-1][2],
             "threshold": threshold, "reached": hit is not None,
             "reached_step": hit[0] if hit else None, "reached_wall_s": hit[1] if hit else None,
             "learner_idle_s": idle, "learner_idle_frac": idle / grpo_wall if grpo_wall > 0 else None,
             "evals": [{"step": s, "wall_time": t, "eval_success": e} for s, t, e in evals],
         })
-        print(f"== e2e: ok in {wall:.0f}s: eval {e0:.3f} -> best {summary.get('eval_best'):.3f}, "
-              f"threshold {threshold:.3f} {'reached at step %d (%.0fs)' % hit[:2] if hit else 'not reached'}, "
+        early = ", stopped early" if res["stopped_early"] else ""
+        print(f"== e2e: ok in {wall:.0f}s ({summary['steps']} steps{early}): eval {e0:.3f} -> best {res['eval_best']:.3f}, threshold {threshold:.3f} "
+              f"{'reached at step %d (%.0fs)' % hit[:2] if hit else 'not reached'}, "
               f"learner idle {idle:.0f}s of {grpo_wall:.0f}s", flush=True)
         res["error"] = None
     except (OSError, RuntimeError, KeyError, ValueError, json.JSONDecodeError) as e:
@@ -233,9 +294,12 @@ def table_rows(subs: dict, e2e: dict | None) -> list[dict]:
         else:
             for r in lr["result"]["rows"]:
                 w = f"{r['workload']} {r['dtype']}"
-                add(f"learner completion tok/s, {w}", f"{r['ours_completion_tok_s']:.0f}",
-                    f"transformers {r['peer_completion_tok_s']:.0f}", r["speedup"], "learner_speedup",
-                    f"cpu-time ratio {r['speedup_cpu_time']:.2f}x")
+                add(f"learner tok/s (completion / total), {w}",
+                    f"{r['ours_completion_tok_s']:.0f} / {r['ours_total_tok_s']:.0f}",
+                    f"transformers {r['peer_completion_tok_s']:.0f} / {r['peer_total_tok_s']:.0f}",
+                    r["speedup"], "learner_speedup",
+                    f"cpu-time ratio {r['speedup_cpu_time']:.2f}x"
+                    + ("; wall and CPU-time ratios disagree (disturbed)" if r.get("disturbed") else ""))
                 add(f"learner FLOP/s, {w}", f"{r['ours_gflops']:.1f} GFLOP/s",
                     f"matmul peak {r['peak_gflops']:.0f}", r["ours_frac_of_peak"], pct=True)
                 if "ckpt_time_ratio" in r:
@@ -265,12 +329,15 @@ def table_rows(subs: dict, e2e: dict | None) -> list[dict]:
             failed("e2e default run", e2e["error"])
         else:
             reach = e2e["reached_wall_s"]
+            budget = e2e["cap_s"] or e2e["grpo_wall_s"]
+            note = f"best eval {e2e['eval_best']:.3f} in {e2e['steps']} steps"
             add(f"e2e time to eval >= {e2e['threshold']:.3f} (first {e2e['eval_first']:.3f} + {E2E_GAIN:.2f})",
                 f"{reach:.0f} s (step {e2e['reached_step']})" if e2e["reached"] else "not reached",
-                f"GRPO wall {e2e['grpo_wall_s']:.0f} s", reach / e2e["grpo_wall_s"] if e2e["reached"] else None,
-                "e2e_reach", f"best eval {e2e['eval_best']:.3f}, {e2e['steps']} steps")
+                f"GRPO {'cap' if e2e['cap_s'] else 'wall'} {budget:.0f} s",
+                reach / budget if e2e["reached"] else None, "e2e_reach", note)
             add("e2e learner waiting for data", f"{e2e['learner_idle_s']:.0f} s",
-                f"GRPO wall {e2e['grpo_wall_s']:.0f} s", e2e["learner_idle_frac"], "e2e_idle")
+                f"GRPO wall {e2e['grpo_wall_s']:.0f} s", e2e["learner_idle_frac"], "e2e_idle",
+                "stopped early (--quick)" if e2e["stopped_early"] else "")
     return rows
 
 
@@ -308,7 +375,7 @@ def main():
     for name in SUBS:
         if name in parts:
             subs[name] = run_sub(name, args.quick, logs)
-    e2e = end_to_end(logs, args.keep_run) if "e2e" in parts else None
+    e2e = end_to_end(logs, args.keep_run, E2E_QUICK_CAP_S if args.quick else None) if "e2e" in parts else None
     rows = table_rows(subs, e2e)
     total = time.perf_counter() - t0
     print(f"\n== nanogrpo benchmark suite ({'--quick' if args.quick else 'full'}), {total / 60:.1f} min; "
