@@ -5,15 +5,16 @@ cannot take the others down), then the end-to-end default run, then prints one t
 per figure (value, the peer or machine limit it is compared to, the ratio, the target, pass/miss)
 and writes bench/results.json with the machine description and every sub-result.
 
-    python -m bench --quick     # < 10 min on 2 cores
-    python -m bench             # full sub-benchmarks, ~20 min on 2 cores
+    python -m bench --quick     # 7.2 min measured on 2 lightly shared cores (~12 min under heavy load)
+    python -m bench             # full sub-benchmarks and the whole default run: ~20-25 min
+                                # (estimated from its parts; not timed as a whole)
 
   generate   bench/generate.py -> results_generate.json  rollout tokens/s vs transformers.generate
   learner    bench/learner.py  -> results_learner.json   GRPO step tokens/s vs transformers + AdamW
   scaling    bench/scaling.py  -> results_scaling.json   1 -> 2 rollout workers, weight sync, async
   e2e        python launch.py --out TMP (the default run): time to +0.20 held-out success over the
              first eval, and the fraction of the GRPO phase the learner spent waiting for data.
-             With --quick the run is stopped cleanly (SIGINT) at that threshold or after 180 s of
+             With --quick the run is stopped cleanly (SIGINT) at that threshold or after 120 s of
              GRPO; without, it runs all its steps (800 by default: ~8-10 min on 2 cores).
 
 A sub-benchmark that fails (non-zero exit, time-out, missing or stale JSON) shows up as a
@@ -50,7 +51,7 @@ SUBS = {
 E2E_LIMIT_S = 1800
 KILL_GRACE_S = 60  # after a time limit's SIGINT, before SIGKILL
 # --quick: the default run is stopped cleanly at the threshold or after this much GRPO time.
-E2E_QUICK_CAP_S = 180
+E2E_QUICK_CAP_S = 120
 # The success threshold of the end-to-end run: first eval >= initial eval + this.
 E2E_GAIN = 0.20
 # Targets, one place: (comparison, bound). ">=" means the ratio must be at least the bound.
@@ -263,7 +264,72 @@ def verdict(key: str, ratio: float | None) -> tuple[str, str]:
     return target, "pass" if ok else "miss"
 
 
+def _generate_rows(res: dict, add):
+    for r in res["rows"]:
+        w = f"{r['workload']} {r['dtype']}"
+        add(f"rollout tok/s, {w}", f"{r['ours_tok_s']:.0f}", f"transformers {r['hf_tok_s']:.0f}",
+            r["speedup"], "generate_speedup")
+        add(f"rollout FLOP/s, {w}", f"{r['ours_gflops']:.1f} GFLOP/s",
+            f"matmul peak {r['peak_gflops']:.0f}", r["frac_of_peak"], pct=True)
+
+
+def _learner_rows(res: dict, add):
+    for r in res["rows"]:
+        w = f"{r['workload']} {r['dtype']}"
+        add(f"learner tok/s (completion / total), {w}",
+            f"{r['ours_completion_tok_s']:.0f} / {r['ours_total_tok_s']:.0f}",
+            f"transformers {r['peer_completion_tok_s']:.0f} / {r['peer_total_tok_s']:.0f}",
+            r["speedup"], "learner_speedup",
+            f"cpu-time ratio {r['speedup_cpu_time']:.2f}x"
+            + ("; wall and CPU-time ratios disagree (disturbed)" if r.get("disturbed") else ""))
+        add(f"learner FLOP/s, {w}", f"{r['ours_gflops']:.1f} GFLOP/s",
+            f"matmul peak {r['peak_gflops']:.0f}", r["ours_frac_of_peak"], pct=True)
+        if "ckpt_time_ratio" in r:
+            add(f"grad checkpointing step time, {r['workload']}", f"{r['ckpt_on_s']:.2f} s",
+                f"off {r['ckpt_off_s']:.2f} s", r["ckpt_time_ratio"], "ckpt_time")
+        if "ckpt_mem_ratio" in r:
+            add(f"grad checkpointing peak memory, {r['workload']}", f"{r['peak_mem_ours_ckpt_MiB']:.0f} MiB",
+                f"off {r['peak_mem_ours_MiB']:.0f} MiB", r["ckpt_mem_ratio"], "ckpt_mem",
+                f"peer {r['peak_mem_peer_MiB']:.0f} MiB; {r['mem_method']}")
+
+
+def _scaling_rows(res: dict, add):
+    ro, ws, asy = res["rollout"], res["weight_sync"], res["async"]
+    add("rollout tok/s, 2 workers", f"{ro['tokens_per_s_2_workers']:.0f}",
+        f"1 worker {ro['tokens_per_s_1_worker']:.0f}", ro["scaling_1_to_2"], "rollout_scaling")
+    for n in (1, 2, 4):
+        if f"publish_load_s_{n}_workers" in ws:
+            add(f"publish+load 0.5B bf16, {n} worker(s)", f"{1e3 * ws[f'publish_load_s_{n}_workers']:.0f} ms",
+                f"memcpy {1e3 * ws['memcpy_s']:.0f} ms", ws[f"vs_memcpy_{n}_workers"], "publish_load")
+    add("steps/min, max-staleness 1", f"{asy['k1_steps_per_min']:.0f}",
+        f"staleness 0: {asy['k0_steps_per_min']:.0f}", asy["async_speedup"], "async_speedup",
+        f"learner idle {asy['k1_learner_idle_frac']:.0%} vs {asy['k0_learner_idle_frac']:.0%}")
+
+
+def _e2e_rows(e2e: dict, add):
+    reach = e2e["reached_wall_s"]
+    budget = e2e["cap_s"] or e2e["grpo_wall_s"]
+    add(f"e2e time to eval >= {e2e['threshold']:.3f} (first {e2e['eval_first']:.3f} + {E2E_GAIN:.2f})",
+        f"{reach:.0f} s (step {e2e['reached_step']})" if e2e["reached"] else "not reached",
+        f"GRPO {'cap' if e2e['cap_s'] else 'wall'} {budget:.0f} s",
+        reach / budget if e2e["reached"] else None, "e2e_reach",
+        f"best eval {e2e['eval_best']:.3f} in {e2e['steps']} steps")
+    add("e2e learner waiting for data", f"{e2e['learner_idle_s']:.0f} s",
+        f"GRPO wall {e2e['grpo_wall_s']:.0f} s", e2e["learner_idle_frac"], "e2e_idle",
+        "stopped early (--quick)" if e2e["stopped_early"] else "")
+
+
+PARTS = {  # name -> (rows from its result, what the failed row says it measures)
+    "generate": (_generate_rows, "rollout tokens/s vs transformers.generate"),
+    "learner": (_learner_rows, "GRPO step tokens/s vs transformers + AdamW"),
+    "scaling": (_scaling_rows, "rollout workers, weight sync, async"),
+    "e2e": (_e2e_rows, "the default run"),
+}
+
+
 def table_rows(subs: dict, e2e: dict | None) -> list[dict]:
+    """One row per figure; a part that failed, or whose JSON lacks a key we read, becomes one
+    "failed" row naming why, so a sub-benchmark changing its output never crashes the suite."""
     rows = []
 
     def add(name, value, peer, ratio, key=None, note="", pct=False):
@@ -272,72 +338,21 @@ def table_rows(subs: dict, e2e: dict | None) -> list[dict]:
                      "ratio": None if ratio is None else round(ratio, 4), "pct": pct, "target": target,
                      "result": ok, "note": note})
 
-    def failed(name, why):
-        rows.append({"figure": name, "value": "failed", "vs": "", "ratio": None, "target": "",
-                     "result": "failed", "note": why})
-
-    g = subs.get("generate")
-    if g is not None:
-        if g["result"] is None:
-            failed("generate (rollout tokens/s vs transformers.generate)", g["error"])
-        else:
-            for r in g["result"]["rows"]:
-                w = f"{r['workload']} {r['dtype']}"
-                add(f"rollout tok/s, {w}", f"{r['ours_tok_s']:.0f}", f"transformers {r['hf_tok_s']:.0f}",
-                    r["speedup"], "generate_speedup")
-                add(f"rollout FLOP/s, {w}", f"{r['ours_gflops']:.1f} GFLOP/s",
-                    f"matmul peak {r['peak_gflops']:.0f}", r["frac_of_peak"], pct=True)
-    lr = subs.get("learner")
-    if lr is not None:
-        if lr["result"] is None:
-            failed("learner (GRPO step tokens/s vs transformers + AdamW)", lr["error"])
-        else:
-            for r in lr["result"]["rows"]:
-                w = f"{r['workload']} {r['dtype']}"
-                add(f"learner tok/s (completion / total), {w}",
-                    f"{r['ours_completion_tok_s']:.0f} / {r['ours_total_tok_s']:.0f}",
-                    f"transformers {r['peer_completion_tok_s']:.0f} / {r['peer_total_tok_s']:.0f}",
-                    r["speedup"], "learner_speedup",
-                    f"cpu-time ratio {r['speedup_cpu_time']:.2f}x"
-                    + ("; wall and CPU-time ratios disagree (disturbed)" if r.get("disturbed") else ""))
-                add(f"learner FLOP/s, {w}", f"{r['ours_gflops']:.1f} GFLOP/s",
-                    f"matmul peak {r['peak_gflops']:.0f}", r["ours_frac_of_peak"], pct=True)
-                if "ckpt_time_ratio" in r:
-                    add(f"grad checkpointing step time, {r['workload']}", f"{r['ckpt_on_s']:.2f} s",
-                        f"off {r['ckpt_off_s']:.2f} s", r["ckpt_time_ratio"], "ckpt_time")
-                if "ckpt_mem_ratio" in r:
-                    add(f"grad checkpointing peak memory, {r['workload']}", f"{r['peak_mem_ours_ckpt_MiB']:.0f} MiB",
-                        f"off {r['peak_mem_ours_MiB']:.0f} MiB", r["ckpt_mem_ratio"], "ckpt_mem",
-                        f"peer {r['peak_mem_peer_MiB']:.0f} MiB; {r['mem_method']}")
-    s = subs.get("scaling")
-    if s is not None:
-        if s["result"] is None:
-            failed("scaling (rollout workers, weight sync, async)", s["error"])
-        else:
-            ro, ws, asy = s["result"]["rollout"], s["result"]["weight_sync"], s["result"]["async"]
-            add("rollout tok/s, 2 workers", f"{ro['tokens_per_s_2_workers']:.0f}",
-                f"1 worker {ro['tokens_per_s_1_worker']:.0f}", ro["scaling_1_to_2"], "rollout_scaling")
-            for n in (1, 2, 4):
-                if f"publish_load_s_{n}_workers" in ws:
-                    add(f"publish+load 0.5B bf16, {n} worker(s)", f"{1e3 * ws[f'publish_load_s_{n}_workers']:.0f} ms",
-                        f"memcpy {1e3 * ws['memcpy_s']:.0f} ms", ws[f"vs_memcpy_{n}_workers"], "publish_load")
-            add("steps/min, max-staleness 1", f"{asy['k1_steps_per_min']:.0f}",
-                f"staleness 0: {asy['k0_steps_per_min']:.0f}", asy["async_speedup"], "async_speedup",
-                f"learner idle {asy['k1_learner_idle_frac']:.0%} vs {asy['k0_learner_idle_frac']:.0%}")
+    results = {k: (v["result"], v["error"]) for k, v in subs.items()}
     if e2e is not None:
-        if e2e.get("error"):
-            failed("e2e default run", e2e["error"])
-        else:
-            reach = e2e["reached_wall_s"]
-            budget = e2e["cap_s"] or e2e["grpo_wall_s"]
-            note = f"best eval {e2e['eval_best']:.3f} in {e2e['steps']} steps"
-            add(f"e2e time to eval >= {e2e['threshold']:.3f} (first {e2e['eval_first']:.3f} + {E2E_GAIN:.2f})",
-                f"{reach:.0f} s (step {e2e['reached_step']})" if e2e["reached"] else "not reached",
-                f"GRPO {'cap' if e2e['cap_s'] else 'wall'} {budget:.0f} s",
-                reach / budget if e2e["reached"] else None, "e2e_reach", note)
-            add("e2e learner waiting for data", f"{e2e['learner_idle_s']:.0f} s",
-                f"GRPO wall {e2e['grpo_wall_s']:.0f} s", e2e["learner_idle_frac"], "e2e_idle",
-                "stopped early (--quick)" if e2e["stopped_early"] else "")
+        results["e2e"] = (None if e2e.get("error") else e2e, e2e.get("error"))
+    for name, (res, error) in results.items():
+        build, what = PARTS[name]
+        start = len(rows)
+        if res is not None:
+            try:
+                build(res, add)
+                continue
+            except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+                del rows[start:]
+                error = f"unexpected results format: {type(e).__name__}: {e}"
+        rows.append({"figure": f"{name} ({what})", "value": "failed", "vs": "", "ratio": None, "target": "",
+                     "result": "failed", "note": error})
     return rows
 
 

@@ -23,7 +23,7 @@ objects) sampled every ~1 ms by a thread during one extra, untimed step, minus i
 before that step.
 
     python -m bench.learner            # ~2.5 min on 2 idle cores (5+ min while other jobs run)
-    python -m bench.learner --quick    # ~1.2 min: 8 groups for tiny, 1 repeat for mid, no mid memory
+    python -m bench.learner --quick    # ~1 min: 8 groups for tiny, no memory step for mid
     python -m bench.learner --profile  # also print torch.profiler tables of one step of each side
 """
 from __future__ import annotations
@@ -327,7 +327,7 @@ def _fmt_row(r):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller batches, fewer repeats (~1 min)")
+    ap.add_argument("--quick", action="store_true", help="8 groups for tiny, no memory step for mid (~1 min)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["tiny", "mid"], help="run one model size")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step each")
@@ -347,7 +347,7 @@ def main():
     print(HEADER, flush=True)
     rows = []
     if args.only in (None, "tiny"):
-        groups, reps = (8, 3) if args.quick else (16, 3)
+        groups, reps = (8, 5) if args.quick else (16, 5)  # ~1 s steps: repeats are cheap, noise is not
         rows += bench_workload(f"tiny 1024v {groups}x8", TINY, groups, 8, 16384, reps, args.threads,
                                ["float32", "bfloat16"], peaks, do_ckpt=True, do_mem=True, profile=args.profile)
     if args.only in (None, "mid"):
