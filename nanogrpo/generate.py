@@ -195,9 +195,11 @@ def _generate_chunk(model, prompts, offset, n, max_new, temperature, top_k, top_
         if step == max_new - 1 or n_done == done.numel():
             break
         B = done.numel()
-        # Batch sizes are rounded up to a multiple of 8 (a few finished rows ride along): every
-        # new size costs oneDNN a kernel JIT per matmul shape in bf16 (~1 ms each on CPU).
-        keep = min(B, -(-(B - n_done) // 8) * 8)
+        # Large batches shrink in multiples of 8 (a few finished rows ride along): each new batch
+        # size costs a oneDNN kernel JIT per matmul shape in bf16 on CPU (~1 ms each), which is a
+        # step's worth of a small model. Below 64 rows a spare row costs more than that.
+        gran = 8 if B >= 64 else 1
+        keep = min(B, -(-(B - n_done) // gran) * gran)
         if n_done and n_done >= compact_fraction * B and keep < B:
             # Drop finished rows by moving the live rows past `keep` into finished slots before
             # it: copies at most n_done cache rows instead of gathering all of them.
