@@ -42,6 +42,8 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from bench.generate import matmul_peak  # one square-matmul ceiling for every benchmark
+
 from learner.learner import LearnerCore, micro_batches
 from nanogrpo.episode import SCHEMA, to_tensors
 from nanogrpo.grpo import group_advantages
@@ -141,19 +143,6 @@ class Peer:
 
 
 # ----------------------------------------------------------------------------- machine limits, memory
-def matmul_peak(dtype, n: int = 2048, reps: int = 10) -> float:
-    """Best-of-reps FLOP/s of one square matmul with this process's thread count (main() measures it
-    again at the end and keeps the higher value, so a burst of load at the start cannot lower it)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
@@ -338,7 +327,7 @@ def main():
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(args.threads)
-    peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
+    peaks = {"float32": matmul_peak(torch.float32, reps=10), "bfloat16": matmul_peak(torch.bfloat16, reps=10)}
     print(f"threads={args.threads} torch={torch.__version__} transformers={transformers.__version__} "
           f"matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
     print("tok/s = completion tokens per second through one whole GRPO step (fwd+bwd+optimizer), best of "
@@ -358,7 +347,7 @@ def main():
                                peaks, do_ckpt=True, do_mem=not args.quick, profile=args.profile)
     # The machine limit, measured again now; rows are rescaled to the better of the two peaks.
     for dt, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        peaks[dt] = max(peaks[dt], matmul_peak(dtype))
+        peaks[dt] = max(peaks[dt], matmul_peak(dtype, reps=10))
     for r in rows:
         r["peak_gflops"] = peaks[r["dtype"]] / 1e9
         r["ours_frac_of_peak"] = r["ours_gflops"] / r["peak_gflops"]
