@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import collections
 import csv
+import functools
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -91,29 +93,17 @@ def prepare_model(cfg, run_dir: Path) -> str:
     return str(d)
 
 
-def example_index(pos: int, n: int, seed: int, _cache={}) -> int:
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    perm = list(range(n))
+    random.Random(seed * 7919 + epoch).shuffle(perm)
+    return perm
+
+
+def example_index(pos: int, n: int, seed: int) -> int:
     """Data position -> train example: a fresh seeded permutation every epoch, so the order is
     a pure function of (seed, position) and a resume continues exactly where it stopped."""
-    epoch = pos // n
-    if (seed, epoch, n) not in _cache:
-        perm = list(range(n))
-        random.Random(seed * 7919 + epoch).shuffle(perm)
-        _cache.clear()
-        _cache[(seed, epoch, n)] = perm
-    return _cache[(seed, epoch, n)][pos % n]
-
-
-def check_reachable(address: str, timeout: float = 5.0):
-    """Fail fast on a host:port nobody listens on; ray.init would otherwise retry for minutes."""
-    import socket
-    if address == "auto" or "://" in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
-            pass
-    except (OSError, ValueError) as e:
-        raise ConnectionError(f"--address: cannot connect to a Ray cluster at {address!r}: {e}") from None
+    return _epoch_order(seed, pos // n, n)[pos % n]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -281,7 +271,6 @@ def run(cfg, given: set[str]) -> Path:
             cfg.sync_timeout * 4, f"the learner to write checkpoint {path}")
         done = sorted((run_dir / "checkpoints").glob("step-*"))
         for old in done[: -cfg.keep_last]:
-            import shutil
             shutil.rmtree(old, ignore_errors=True)
         return path
 
