@@ -106,6 +106,19 @@ def example_index(pos: int, n: int, seed: int) -> int:
     return _epoch_order(seed, pos // n, n)[pos % n]
 
 
+def check_reachable(address: str, timeout: float = 5.0):
+    """Fail fast on a host:port nobody listens on; ray.init would otherwise retry for minutes."""
+    import socket
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"--address: cannot connect to a Ray cluster at {address!r}: {e}") from None
+
+
 # ----------------------------------------------------------------------------- metrics
 class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None):
