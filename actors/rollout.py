@@ -20,7 +20,7 @@ from nanogrpo.generate import generate
 from nanogrpo.model import Qwen2
 from nanogrpo.tasks import load_task
 from nanogrpo.tokenizer import Tokenizer
-from nanogrpo.weights import CollectiveGroup, digest, unpack_into
+from nanogrpo.weights import CollectiveGroup, digest, flatten_parameters, unpack_into
 
 
 def stop_ids(tok: Tokenizer) -> list[int]:
@@ -74,7 +74,7 @@ class RolloutWorker:
         packed = ray.get(weights[0])  # weights is [ObjectRef] so Ray does not resolve it for every call
         if packed.version != version:
             raise RuntimeError(f"worker {self.worker_id}: asked for weights v{version}, object holds v{packed.version}")
-        unpack_into(self.model, packed)
+        unpack_into(self.model, packed, share=True)  # CPU: views of the shared-memory buffers, no copy
         self.version = version
         return time.perf_counter() - t0
 
@@ -126,6 +126,7 @@ class RolloutWorker:
 
     # --- torch.distributed transport (see nanogrpo/weights.py)
     def join_group(self, addr: str, port: int, rank: int, world_size: int, timeout_s: float):
+        flatten_parameters(self.model)  # receive each broadcast straight into the parameters' buffers
         self.group = CollectiveGroup(addr, port, rank, world_size, timeout_s)
 
     def receive(self) -> int:

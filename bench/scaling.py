@@ -26,7 +26,7 @@ import torch
 from nanogrpo.config import ModelConfig
 from nanogrpo.model import Qwen2
 from nanogrpo.tiny import TINY_MODEL_CONFIG, write_tiny_model_dir
-from nanogrpo.weights import pack, unpack_into
+from nanogrpo.weights import flatten_parameters, pack, unpack_into
 
 QWEN05 = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
               num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, torch_dtype="bfloat16")
@@ -81,12 +81,14 @@ class SyncPeer:
 
     def load(self, weights: list) -> float:
         t0 = time.perf_counter()
-        unpack_into(self.model, ray.get(weights[0]))
+        self.packed = ray.get(weights[0])  # held like a rollout worker holds its current version
+        unpack_into(self.model, self.packed, share=True)  # what RolloutWorker._sync does
         return time.perf_counter() - t0
 
 
 def weight_sync(cfg: dict, reps: int) -> dict:
     model = empty_model(cfg, torch.bfloat16)
+    flatten_parameters(model)  # as the learner keeps its weights
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     flat = torch.empty(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(flat)
@@ -94,11 +96,11 @@ def weight_sync(cfg: dict, reps: int) -> dict:
     res = {"state_bytes": nbytes, "memcpy_s": memcpy, "memcpy_GBps": nbytes / memcpy / 1e9}
     for n in (1, 2, 4):
         peers = [SyncPeer.remote(cfg) for _ in range(n)]
-        ray.get([p.load.remote([ray.put(pack(model, -1))]) for p in peers])  # warm-up
+        ray.get([p.load.remote([ray.put(pack(model, -1, copy=False))]) for p in peers])  # warm-up
         best = float("inf")
         for v in range(reps):
             t0 = time.perf_counter()
-            ref = [ray.put(pack(model, v))]
+            ref = [ray.put(pack(model, v, copy=False))]
             ray.get([p.load.remote(ref) for p in peers])
             best = min(best, time.perf_counter() - t0)
             del ref

@@ -26,7 +26,7 @@ from nanogrpo.grpo import group_advantages, grpo_loss, token_logprobs
 from nanogrpo.model import Qwen2
 from nanogrpo.optim import CPUOffloadAdamW, clip_grad_norm_, param_groups
 from nanogrpo.runconfig import RunConfig
-from nanogrpo.weights import CollectiveGroup, digest, pack
+from nanogrpo.weights import CollectiveGroup, digest, flatten_parameters, pack
 
 def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     """Row indices grouped into micro-batches of similar length: rows x longest row <= budget
@@ -62,6 +62,7 @@ class LearnerCore:
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = Qwen2.from_pretrained(load_dir, dtype=dtype, device=self.device)
         self.model.gradient_checkpointing = self.cfg.grad_checkpointing
+        flatten_parameters(self.model)  # one buffer per dtype: publishing a version needs no packing copy
         self.model_dir = model_dir
         self.ref = None
         if self.cfg.kl_coef > 0:  # the frozen reference is the starting policy, never the resumed one
@@ -78,7 +79,7 @@ class LearnerCore:
     def publish(self) -> list | None:
         """Pack the current weights once into the object store. -> [ObjectRef] (wrapped in a list
         so Ray hands the reference on instead of resolving it at every call); None outside Ray."""
-        return [ray.put(pack(self.model, self.version))] if ray.is_initialized() else None
+        return [ray.put(pack(self.model, self.version, copy=False))] if ray.is_initialized() else None
 
     def weights_digest(self) -> tuple[int, str]:
         return self.version, digest(self.model)

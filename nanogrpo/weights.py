@@ -1,10 +1,14 @@
 """Moving a policy's weights between processes (no Ray here; learner/broadcast.py uses it).
 
 Two transports behind one packed format:
-  * object store (default): the learner packs every tensor of one dtype into one flat buffer and
-    `ray.put`s the packed version once; workers receive the ObjectRef and read the buffers
-    zero-copy from shared memory (numpy arrays are not copied on deserialisation), then do a
-    single copy into their parameters. One object per version, not one per tensor.
+  * object store (default): the learner keeps its parameters as views into one flat buffer per
+    dtype (`flatten_parameters`), so packing a version costs nothing on a CPU learner and one
+    device-to-host copy on a GPU; `ray.put` then makes the only copy, into shared memory. Workers
+    receive the ObjectRef and read the buffers zero-copy (numpy arrays are not copied on
+    deserialisation). A CPU worker whose dtypes match points its parameters straight at those
+    read-only shared buffers (`unpack_into(..., share=True)`): loading a version is free and all
+    workers on a node share one copy of the weights. Other workers (GPU, other dtype) do one copy.
+    One object per version, not one per tensor.
   * collective: a `torch.distributed` group (NCCL on GPUs, gloo on CPU) in which the learner is
     rank 0 and broadcasts the same flat buffers. Every collective has a timeout, so a worker that
     never answers makes the sync raise instead of hanging the run.
@@ -21,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 # numpy has no bfloat16: carry it as int16 bits.
-_TORCH_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32}
+_TORCH_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.float16, torch.float32: torch.float32,
+               torch.float64: torch.float64}
 
 
 @dataclass
@@ -36,27 +41,84 @@ def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(n, p.detach()) for n, p in model.named_parameters()]
 
 
-def pack(model: torch.nn.Module, version: int) -> PackedWeights:
-    """Flatten all parameters into one contiguous CPU buffer per dtype."""
+def _by_dtype(model: torch.nn.Module) -> dict[torch.dtype, list[tuple[str, torch.Tensor]]]:
     groups: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
     for name, t in _named_tensors(model):
         groups.setdefault(t.dtype, []).append((name, t))
+    return groups
+
+
+def flatten_parameters(model: torch.nn.Module) -> dict[torch.dtype, torch.Tensor]:
+    """Move every parameter into one contiguous buffer per dtype (on its device) and make the
+    parameter a view of it, in `named_parameters` order: the layout `pack` writes. Call it after
+    the model has its final device and dtype and before an optimizer captures the parameters;
+    in-place updates then land in the flat buffers, which `pack` can ship without a copy."""
+    flats = {}
+    with torch.no_grad():
+        for dtype, items in _by_dtype(model).items():
+            devices = {t.device for _, t in items}
+            if len(devices) != 1:
+                raise ValueError(f"flatten_parameters: {dtype} parameters live on several devices {devices}")
+            flat = torch.empty(sum(t.numel() for _, t in items), dtype=dtype, device=devices.pop())
+            params = dict(model.named_parameters())
+            off = 0
+            for name, t in items:
+                n = t.numel()
+                flat[off: off + n].copy_(t.reshape(-1))
+                params[name].data = flat[off: off + n].view(t.shape)
+                off += n
+            flats[dtype] = flat
+    model._flat_params = flats
+    return flats
+
+
+def _flat_of(model: torch.nn.Module, dtype: torch.dtype, items) -> torch.Tensor | None:
+    """The model's flat buffer for `dtype` if every parameter still sits where `flatten_parameters`
+    put it (a later `.to()` or `.data =` would have moved them), else None."""
+    flat = getattr(model, "_flat_params", {}).get(dtype)
+    if flat is None:
+        return None
+    off, base, size = 0, flat.data_ptr(), flat.element_size()
+    for _, t in items:
+        if t.device != flat.device or t.data_ptr() != base + off * size or not t.is_contiguous():
+            return None
+        off += t.numel()
+    return flat if off == flat.numel() else None
+
+
+def pack(model: torch.nn.Module, version: int, copy: bool = True) -> PackedWeights:
+    """All parameters as one contiguous CPU buffer per dtype. With copy=False a flattened CPU
+    model's own buffers are returned (aliasing the live weights): only for a consumer that copies
+    at once, such as `ray.put`."""
     layout, buffers = [], {}
-    for dtype, items in groups.items():
+    for dtype, items in _by_dtype(model).items():
         key = str(dtype).removeprefix("torch.")
-        total = sum(t.numel() for _, t in items)
-        flat = torch.empty(total, dtype=dtype)  # one host buffer; GPU tensors copy straight into it
+        src = _flat_of(model, dtype, items)
+        if not copy and src is not None and src.device.type == "cpu":
+            flat = src
+        else:
+            flat = torch.empty(sum(t.numel() for _, t in items), dtype=dtype)  # GPU tensors copy straight in
+            if src is not None:
+                flat.copy_(src)  # one (device-to-host) copy of the whole buffer
+            else:
+                off = 0
+                for _, t in items:
+                    flat[off: off + t.numel()].copy_(t.reshape(-1))
+                    off += t.numel()
         off = 0
         for name, t in items:
-            flat[off: off + t.numel()].copy_(t.reshape(-1))
             layout.append((name, key, tuple(t.shape), off))
             off += t.numel()
         buffers[key] = flat.view(_TORCH_VIEW[dtype]).numpy()
     return PackedWeights(version, layout, buffers)
 
 
-def unpack_into(model: torch.nn.Module, packed: PackedWeights):
-    """Copy a packed version into `model`'s parameters (same names; dtypes cast if they differ)."""
+def unpack_into(model: torch.nn.Module, packed: PackedWeights, share: bool = False):
+    """Load a packed version into `model`'s parameters (same names; dtypes cast if they differ).
+
+    share=True: CPU parameters of the packed dtype become views of the packed buffers instead of
+    copies (zero-copy when those buffers are Ray shared memory). The buffers are read-only, so
+    only do this for a model that is never trained or written to (a rollout worker)."""
     params = dict(model.named_parameters())
     if set(params) != {name for name, *_ in packed.layout}:
         missing = sorted(set(params) - {n for n, *_ in packed.layout})
@@ -69,7 +131,11 @@ def unpack_into(model: torch.nn.Module, packed: PackedWeights):
         for name, key, shape, off in packed.layout:
             p = params[name]
             n = int(np.prod(shape)) if shape else 1
-            p.copy_(flats[key][off: off + n].view(shape), non_blocking=True)
+            src = flats[key][off: off + n].view(shape)
+            if share and p.device.type == "cpu" and p.dtype == src.dtype:
+                p.data = src
+            else:
+                p.copy_(src, non_blocking=True)
     if any(p.is_cuda for p in params.values()):
         torch.cuda.synchronize()
 
@@ -102,19 +168,23 @@ class CollectiveGroup:
         dev = torch.device("cuda") if self.backend == "nccl" else torch.device("cpu")
         v = torch.tensor([version], dtype=torch.long, device=dev)
         dist.broadcast(v, src=0)
-        groups: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-        for _, p in sorted(model.named_parameters(), key=lambda x: x[0]):
-            groups.setdefault(p.dtype, []).append(p)
         with torch.no_grad():
-            for dtype, params in groups.items():
-                flat = torch.cat([p.detach().reshape(-1).to(dev) for p in params]) if self.rank == 0 else \
-                    torch.empty(sum(p.numel() for p in params), dtype=dtype, device=dev)
+            for dtype, items in _by_dtype(model).items():
+                # A flattened model sends / receives straight from / into its own buffer.
+                own = _flat_of(model, dtype, items)
+                if own is not None and own.device == dev:
+                    flat = own
+                elif self.rank == 0:
+                    flat = torch.cat([t.reshape(-1).to(dev) for _, t in items])
+                else:
+                    flat = torch.empty(sum(t.numel() for _, t in items), dtype=dtype, device=dev)
                 dist.broadcast(flat, src=0)
-                if self.rank != 0:
+                if self.rank != 0 and flat is not own:
+                    params = dict(model.named_parameters())
                     off = 0
-                    for p in params:
-                        p.copy_(flat[off: off + p.numel()].view_as(p))
-                        off += p.numel()
+                    for name, t in items:
+                        params[name].copy_(flat[off: off + t.numel()].view_as(t))
+                        off += t.numel()
         return int(v.item())
 
     def close(self):

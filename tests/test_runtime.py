@@ -1,6 +1,7 @@
 """Ray actors in one local cluster: the episode buffer, weight packing and the gloo broadcast."""
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -9,7 +10,8 @@ import torch
 from actors.buffer import EpisodeBuffer
 from nanogrpo.episode import SCHEMA, group_batch
 from nanogrpo.model import Qwen2
-from nanogrpo.weights import CollectiveGroup, digest, pack, unpack_into
+from nanogrpo.optim import CPUOffloadAdamW
+from nanogrpo.weights import CollectiveGroup, digest, flatten_parameters, pack, unpack_into
 
 TINY = {"model_type": "qwen2", "vocab_size": 32, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
@@ -95,6 +97,38 @@ def test_pack_unpack_is_bitwise_and_one_buffer_per_dtype():
     assert digest(src16) == digest(dst16)
 
 
+def test_flattened_model_trains_in_place_and_packs_without_a_copy():
+    """Guards against the zero-copy publish path shipping stale or aliased weights: after
+    flatten_parameters an optimizer step must land in the flat buffer that pack(copy=False)
+    returns, pack(copy=True) must not alias it, and a worker sharing the buffers must compute the
+    same logits as the learner."""
+    model = Qwen2.from_config(TINY, seed=1)
+    before = digest(model)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    ref_logits = model(ids)
+    flats = flatten_parameters(model)
+    assert digest(model) == before and torch.equal(model(ids), ref_logits)
+    flat = flats[torch.float32]
+    assert all(flat.data_ptr() <= p.data_ptr() < flat.data_ptr() + flat.numel() * 4 for p in model.parameters())
+    opt = CPUOffloadAdamW(model.parameters(), lr=1e-2)
+    model(ids).float().logsumexp(-1).mean().backward()
+    opt.step()
+    assert digest(model) != before
+    live, copied = pack(model, 1, copy=False), pack(model, 1)
+    assert live.buffers["float32"].ctypes.data == flat.data_ptr()  # no packing copy
+    assert copied.buffers["float32"].ctypes.data != flat.data_ptr()
+    np.testing.assert_array_equal(live.buffers["float32"], copied.buffers["float32"])
+    worker = Qwen2.from_config(TINY, seed=5).eval()
+    unpack_into(worker, copied, share=True)
+    base = copied.buffers["float32"].ctypes.data
+    assert all(base <= p.data_ptr() < base + copied.buffers["float32"].nbytes for p in worker.parameters())
+    assert digest(worker) == digest(model)
+    with torch.no_grad():
+        assert torch.equal(worker(ids), model(ids))
+    model.to(torch.float64)  # parameters moved out of the flat buffer: pack must notice and copy
+    assert pack(model, 2, copy=False).buffers["float64"].ctypes.data != flat.data_ptr()
+
+
 @ray.remote
 class Peer:
     def __init__(self, seed):
@@ -105,7 +139,9 @@ class Peer:
         from learner.broadcast import free_port
         return ray.util.get_node_ip_address(), free_port()
 
-    def join(self, addr, port, rank, world, timeout):
+    def join(self, addr, port, rank, world, timeout, flat=False):
+        if flat:
+            flatten_parameters(self.model)
         self.group = CollectiveGroup(addr, port, rank, world, timeout, backend="gloo")
 
     def broadcast(self, version):
@@ -124,7 +160,7 @@ def test_gloo_broadcast_bitwise_then_timeout(local_ray):
     forever when a peer never answers (it must raise within its timeout)."""
     sender, receiver = Peer.remote(1), Peer.remote(2)
     addr, port = ray.get(sender.ip_port.remote())
-    ray.get([sender.join.remote(addr, port, 0, 2, 5.0), receiver.join.remote(addr, port, 1, 2, 5.0)])
+    ray.get([sender.join.remote(addr, port, 0, 2, 5.0), receiver.join.remote(addr, port, 1, 2, 5.0, flat=True)])
     (v0, _, e0), (v1, _, e1) = ray.get([sender.broadcast.remote(3), receiver.broadcast.remote(-1)])
     assert e0 is None and e1 is None and v0 == v1 == 3
     assert ray.get(sender.digest.remote()) == ray.get(receiver.digest.remote())
