@@ -144,17 +144,22 @@ class LearnerCore:
             idx = torch.tensor([rows[i] for i in mb])
             L = int(batch["lengths"][idx].max())
             ids = batch["input_ids"][idx, :L].to(self.device)  # (b, L)
-            mask = mask_all[idx, : L - 1].to(self.device)  # (b, L-1)
-            old = batch["old_logprobs"][idx, : L - 1].to(self.device)
+            # Position t predicts token t+1. Only positions from the micro-batch's first completion
+            # token on need logits: the lm_head and log-softmax skip the (b, prompt, V) part.
+            m_full = mask_all[idx, : L - 1]
+            s = int(m_full.int().argmax(-1).min()) if bool(m_full.any()) else 0
+            mask = m_full[:, s:].to(self.device)  # (b, L-1-s)
+            old = batch["old_logprobs"][idx, s: L - 1].to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = self.model(ids)[:, :-1]  # (b, L-1, V): position t predicts token t+1
-            logp, ent = token_logprobs(logits, ids[:, 1:], cfg.temperature, with_entropy=True)
+                logits = self.model.lm_head(self.model(ids, return_hidden=True)[:, s: L - 1])
+            logp, ent = token_logprobs(logits, ids[:, s + 1:], cfg.temperature, with_entropy=True)
             if cfg.entropy_coef == 0:
                 ent = ent.detach()
             ref_logp = None
             if self.ref is not None:
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    ref_logp = token_logprobs(self.ref(ids)[:, :-1], ids[:, 1:], cfg.temperature)
+                    ref_hidden = self.ref(ids, return_hidden=True)[:, s: L - 1]
+                    ref_logp = token_logprobs(self.ref.lm_head(ref_hidden), ids[:, s + 1:], cfg.temperature)
             stale = (versions[idx] < self.version).to(self.device)
             prox = None
             if cfg.tis_cap > 0 and bool(stale.any()):
