@@ -301,9 +301,11 @@ def _scaling_rows(res: dict, add):
         if f"publish_load_s_{n}_workers" in ws:
             add(f"publish+load 0.5B bf16, {n} worker(s)", f"{1e3 * ws[f'publish_load_s_{n}_workers']:.0f} ms",
                 f"memcpy {1e3 * ws['memcpy_s']:.0f} ms", ws[f"vs_memcpy_{n}_workers"], "publish_load")
-    add("steps/min, max-staleness 1", f"{asy['k1_steps_per_min']:.0f}",
-        f"staleness 0: {asy['k0_steps_per_min']:.0f}", asy["async_speedup"], "async_speedup",
-        f"learner idle {asy['k1_learner_idle_frac']:.0%} vs {asy['k0_learner_idle_frac']:.0%}")
+    for name, what, key in (("disjoint", "1 worker + learner, a core each", "async_speedup"),
+                            ("shared", "2 workers + learner on 2 cores", None)):
+        add(f"steps/min, max-staleness 1, {what}", f"{asy[f'{name}_k1_steps_per_min']:.0f}",
+            f"staleness 0: {asy[f'{name}_k0_steps_per_min']:.0f}", asy[f"{name}_async_speedup"], key,
+            f"learner idle {asy[f'{name}_k1_learner_idle_frac']:.0%} vs {asy[f'{name}_k0_learner_idle_frac']:.0%}")
 
 
 def _e2e_rows(e2e: dict, add):

@@ -7,7 +7,8 @@ Every figure is a ratio measured in this run against a peer or a limit measured 
   * rollout tokens/s with 2 workers vs 1 worker (1 torch thread each), same workload;
   * time to publish (pack + one ray.put) and load one Qwen2.5-0.5B-sized weight version on 1, 2
     and 4 workers vs one local memcpy of the same bytes;
-  * steps/min and learner idle fraction of the full driver with k = 1 vs k = 0.
+  * steps/min and learner idle fraction of the full driver with k = 1 vs k = 0, with the learner and
+    the rollout worker on cores of their own (as on a cluster) and in the default shared layout.
 Writes bench/results_scaling.json.
 """
 from __future__ import annotations
@@ -119,28 +120,35 @@ def _timed(fn) -> float:
 
 # ----------------------------------------------------------------------------- async vs sync
 def async_vs_sync(steps: int) -> dict:
+    """k = 1 vs k = 0 steps/min of the full driver, in two layouts:
+    * "disjoint": 1 rollout worker and the learner, one thread each, so each has a core of its own
+      as rollout GPUs and the learner GPU do on a cluster. This measures the pipelining itself;
+    * "shared": the default run (2 workers + learner on 2 cores). Every thread already competes
+      for the same two cores, so overlap can only fill the core the learner leaves idle."""
     import csv
 
     import launch
     from nanogrpo.runconfig import RunConfig
 
+    layouts = {"disjoint": dict(num_rollout_workers=1, threads_per_worker=1, learner_threads=1), "shared": {}}
     res = {}
-    for k in (0, 1):
-        with tempfile.TemporaryDirectory() as d:
-            cfg = RunConfig(steps=steps, sft_steps=0, eval_every=0, save_every=0, max_staleness=k, num_test=8,
-                            quiet=True, out=str(Path(d) / "run"))
-            t0 = time.perf_counter()
-            run_dir = launch.run(cfg, set())
-            wall = time.perf_counter() - t0
-            rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["reward_mean"]]
-            # Steady state: skip the first steps (actor warm-up) and time the rest from the CSV.
-            tail = rows[steps // 5:]
-            span = float(tail[-1]["wall_time"]) - float(rows[steps // 5 - 1]["wall_time"])
-            idle = sum(float(r["learner_idle_s"]) for r in tail)
-            res[f"k{k}_steps_per_min"] = 60 * len(tail) / span
-            res[f"k{k}_learner_idle_frac"] = idle / span
-            res[f"k{k}_wall_s"] = wall
-    res["async_speedup"] = res["k1_steps_per_min"] / res["k0_steps_per_min"]
+    for name, extra in layouts.items():
+        for k in (0, 1):
+            with tempfile.TemporaryDirectory() as d:
+                cfg = RunConfig(steps=steps, sft_steps=0, eval_every=0, save_every=0, max_staleness=k, num_test=8,
+                                quiet=True, out=str(Path(d) / "run"), **extra)
+                t0 = time.perf_counter()
+                run_dir = launch.run(cfg, set())
+                wall = time.perf_counter() - t0
+                rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["reward_mean"]]
+                # Steady state: skip the first steps (actor warm-up) and time the rest from the CSV.
+                tail = rows[steps // 5:]
+                span = float(tail[-1]["wall_time"]) - float(rows[steps // 5 - 1]["wall_time"])
+                idle = sum(float(r["learner_idle_s"]) for r in tail)
+                res[f"{name}_k{k}_steps_per_min"] = 60 * len(tail) / span
+                res[f"{name}_k{k}_learner_idle_frac"] = idle / span
+                res[f"{name}_k{k}_wall_s"] = wall
+        res[f"{name}_async_speedup"] = res[f"{name}_k1_steps_per_min"] / res[f"{name}_k0_steps_per_min"]
     return res
 
 
@@ -169,11 +177,15 @@ def main():
          f"{roll['scaling_1_to_2']:.2f}x of 1 worker (target >= 1.8x)"),
         ("one local memcpy of 0.5B bf16 state", f"{sync['memcpy_s'] * 1e3:.0f} ms", f"{sync['memcpy_GBps']:.1f} GB/s"),
     ] + [(f"publish+load 0.5B, {n} worker(s)", f"{sync[f'publish_load_s_{n}_workers'] * 1e3:.0f} ms",
-          f"{sync[f'vs_memcpy_{n}_workers']:.2f}x memcpy (target <= 2x, flat)") for n in (1, 2, 4)] + [
-        ("steps/min, k=0 (sync)", f"{asyn['k0_steps_per_min']:.0f}", f"learner idle {asyn['k0_learner_idle_frac']:.0%}"),
-        ("steps/min, k=1 (async)", f"{asyn['k1_steps_per_min']:.0f}",
-         f"{asyn['async_speedup']:.2f}x of k=0 (target >= 1.5x), learner idle {asyn['k1_learner_idle_frac']:.0%}"),
-    ]
+          f"{sync[f'vs_memcpy_{n}_workers']:.2f}x memcpy (target <= 2x, flat)") for n in (1, 2, 4)]
+    for name, what in (("disjoint", "1 worker + learner, a core each"), ("shared", "default: 2 workers + learner, 2 cores")):
+        rows += [
+            (f"steps/min k=0, {what}", f"{asyn[f'{name}_k0_steps_per_min']:.0f}",
+             f"learner idle {asyn[f'{name}_k0_learner_idle_frac']:.0%}"),
+            (f"steps/min k=1, {what}", f"{asyn[f'{name}_k1_steps_per_min']:.0f}",
+             f"{asyn[f'{name}_async_speedup']:.2f}x of k=0" + (" (target >= 1.5x)" if name == "disjoint" else "")
+             + f", learner idle {asyn[f'{name}_k1_learner_idle_frac']:.0%}"),
+        ]
     print(f"machine: {machine}")
     w = max(len(r[0]) for r in rows)
     for name, val, note in rows:

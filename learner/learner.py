@@ -45,6 +45,15 @@ def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     return out
 
 
+def auto_threads(cores: int, colocated_threads: int) -> int:
+    """The learner's torch threads on a node whose rollout workers use `colocated_threads` cores:
+    the cores they leave free, or every core when that would be fewer than two. In the default run
+    (2 cores, 2 one-thread workers) the workers mostly wait for the learner, and sharing both cores
+    made a step 1.2x faster than a single learner thread (0.27 vs 0.33 s)."""
+    free = cores - colocated_threads
+    return free if free >= 2 else cores
+
+
 class LearnerCore:
     """The learner's state and maths, runnable in-process (tests) or as the `Learner` actor below."""
 
@@ -52,7 +61,7 @@ class LearnerCore:
                  model_files: list | None = None, colocated_threads: int = 0):
         self.cfg = RunConfig(**cfg)
         # Threads: as asked, else the cores of *this* node that co-located rollout workers leave free.
-        torch.set_num_threads(threads if threads > 0 else max(1, (os.cpu_count() or 1) - colocated_threads))
+        torch.set_num_threads(threads if threads > 0 else auto_threads(os.cpu_count() or 1, colocated_threads))
         if not (Path(model_dir) / "config.json").is_file() and model_files and model_files[0] is not None:
             model_dir = local_model_dir(model_dir, ray.get(model_files[0]))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

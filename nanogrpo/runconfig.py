@@ -58,7 +58,8 @@ class RunConfig:
     gpus_per_worker: float = opt(0.0, "GPUs per rollout worker (fractions allowed; 0 on a CPU-only cluster)")
     learner_gpus: float = opt(-1, "GPUs for the learner (-1 = 1 when the cluster has a GPU, else 0)")
     threads_per_worker: int = opt(1, "torch CPU threads per rollout worker (keeps workers from oversubscribing cores)")
-    learner_threads: int = opt(0, "torch CPU threads for the learner (0 = the cores left over)")
+    learner_threads: int = opt(0, "torch CPU threads for the learner (0 = the cores its node's rollout workers "
+                               "leave free, or all of them when that is fewer than 2)")
     max_staleness: int = opt(1, "k: consume groups made by a policy at most k versions old (0 = synchronous)")
     rollout_batch: int = opt(0, "prompts per rollout call (0 = prompts_per_step / num_rollout_workers)")
     buffer_capacity: int = opt(0, "episode buffer capacity in groups (0 = 4 x prompts_per_step)")
