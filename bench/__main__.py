@@ -5,7 +5,7 @@ cannot take the others down), then the end-to-end default run, then prints one t
 per figure (value, the peer or machine limit it is compared to, the ratio, the target, pass/miss)
 and writes bench/results.json with the machine description and every sub-result.
 
-    python -m bench --quick     # 7.2 min measured on 2 lightly shared cores (~12 min under heavy load)
+    python -m bench --quick     # 7.1 min measured on 2 idle cores (~12 min under heavy load)
     python -m bench             # full sub-benchmarks and the whole default run: ~20-25 min
                                 # (estimated from its parts; not timed as a whole)
 
@@ -271,6 +271,10 @@ def _generate_rows(res: dict, add):
             r["speedup"], "generate_speedup")
         add(f"rollout FLOP/s, {w}", f"{r['ours_gflops']:.1f} GFLOP/s",
             f"matmul peak {r['peak_gflops']:.0f}", r["frac_of_peak"], pct=True)
+    for d in res.get("decode_bandwidth", []):
+        add(f"{d['workload']} {d['dtype']} memory bandwidth", f"{d['decode_GBps']:.1f} GB/s",
+            f"copy {d['copy_GBps']:.1f} GB/s", d["frac_of_copy"], pct=True,
+            note=f"{d['decode_tok_s']:.1f} tok/s")
 
 
 def _learner_rows(res: dict, add):
@@ -305,7 +309,8 @@ def _scaling_rows(res: dict, add):
                             ("shared", "2 workers + learner on 2 cores", None)):
         add(f"steps/min, max-staleness 1, {what}", f"{asy[f'{name}_k1_steps_per_min']:.0f}",
             f"staleness 0: {asy[f'{name}_k0_steps_per_min']:.0f}", asy[f"{name}_async_speedup"], key,
-            f"learner idle {asy[f'{name}_k1_learner_idle_frac']:.0%} vs {asy[f'{name}_k0_learner_idle_frac']:.0%}")
+            f"learner idle {asy[f'{name}_k1_learner_idle_frac']:.0%} vs {asy[f'{name}_k0_learner_idle_frac']:.0%}"
+            + (f"; overlap bound {asy[f'{name}_overlap_bound']:.2f}x" if f"{name}_overlap_bound" in asy else ""))
 
 
 def _e2e_rows(e2e: dict, add):

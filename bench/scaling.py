@@ -149,6 +149,11 @@ def async_vs_sync(steps: int) -> dict:
                 res[f"{name}_k{k}_learner_idle_frac"] = idle / span
                 res[f"{name}_k{k}_wall_s"] = wall
         res[f"{name}_async_speedup"] = res[f"{name}_k1_steps_per_min"] / res[f"{name}_k0_steps_per_min"]
+        # Perfect overlap hides the shorter of generation and training: with k = 0 the learner waits
+        # for data a fraction f of the time, so k = 1 can be at most 1 / (1 - f) faster (when training
+        # is the longer part, as here) or 1 / f (when generation is).
+        f = res[f"{name}_k0_learner_idle_frac"]
+        res[f"{name}_overlap_bound"] = 1.0 / max(f, 1.0 - f)
     return res
 
 
@@ -184,6 +189,7 @@ def main():
              f"learner idle {asyn[f'{name}_k0_learner_idle_frac']:.0%}"),
             (f"steps/min k=1, {what}", f"{asyn[f'{name}_k1_steps_per_min']:.0f}",
              f"{asyn[f'{name}_async_speedup']:.2f}x of k=0" + (" (target >= 1.5x)" if name == "disjoint" else "")
+             + f", overlap bound {asyn[f'{name}_overlap_bound']:.2f}x"
              + f", learner idle {asyn[f'{name}_k1_learner_idle_frac']:.0%}"),
         ]
     print(f"machine: {machine}")
