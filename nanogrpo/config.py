@@ -86,6 +86,11 @@ class ModelConfig:
         d = dict(d)
         if "model_type" not in d:
             raise ValueError("config has no 'model_type' field")
+        if d.get("use_sliding_window"):
+            # Qwen2 checkpoints ship it off; silently attending to the full context instead would
+            # give different logits from the model's own implementation past the window.
+            raise ValueError(f"use_sliding_window=true (sliding_window={d.get('sliding_window')}) is not "
+                             "implemented: nanogrpo attends to the full context")
         # transformers 5 moved rope_theta into rope_parameters; older files keep it at the top
         # level with an optional rope_scaling dict. Accept both.
         rope = d.pop("rope_parameters", None) or {}

@@ -173,3 +173,19 @@ def test_missing_shard_is_named(tmp_path):
 def test_unsupported_dtype_string(saved):
     with pytest.raises(ValueError, match="unsupported dtype 'int8'"):
         Qwen2.from_pretrained(saved, dtype="int8")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model_type": "mistral"}, "unsupported model_type 'mistral'"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu'"),
+    ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window=true.*4096.*not implemented"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope scaling 'yarn'"),
+])
+def test_unsupported_config_is_refused_by_name(change, match):
+    """Guards against loading a model whose architecture we would compute differently (sliding
+    windows, other activations or RoPE variants) and training on silently wrong logits."""
+    from nanogrpo.config import ModelConfig
+    from nanogrpo.tiny import TINY_MODEL_CONFIG
+    ModelConfig.from_dict(dict(TINY_MODEL_CONFIG, use_sliding_window=False))  # the shipped default loads
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict({**TINY_MODEL_CONFIG, **change})
