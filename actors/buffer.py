@@ -83,12 +83,12 @@ class EpisodeBuffer:
                 raise TimeoutError(f"EpisodeBuffer.take: waited {timeout:.0f}s for {n_groups} groups with "
                                    f"version >= {min_version}, have {len(self.groups)} in buffer; are the "
                                    "rollout workers alive?") from None
-            version = lambda g: g.column("policy_version")[0].as_py()  # noqa: E731
+            versions = [g.column("policy_version")[0].as_py() for g in self.groups]
             out, keep = [], collections.deque()
-            chosen = set(sorted((i for i, g in enumerate(self.groups) if version(g) >= min_version),
-                                key=lambda i: (version(self.groups[i]), i))[:n_groups])
+            chosen = set(sorted((i for i, v in enumerate(versions) if v >= min_version),
+                                key=lambda i: (versions[i], i))[:n_groups])
             for i, g in enumerate(self.groups):
-                if version(g) < min_version:
+                if versions[i] < min_version:
                     self.dropped += 1
                     self.dropped_work.append((g.column("group_id")[0].as_py(), g.column("step")[0].as_py(),
                                               g.column("example_index")[0].as_py()))

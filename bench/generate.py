@@ -282,14 +282,22 @@ def main():
     for r in rows:
         print(_fmt_row(r))
     headline = next((r for r in rows if r["workload"].startswith("tiny") and r["dtype"] == "float32"), rows[0])
+    write_results(args, peaks, rows, headline, "speedup_vs_transformers", "",
+                  loadavg_start=load0, loadavg_end=os.getloadavg()[0], decode_bandwidth=bandwidth)
+
+
+def write_results(args, peaks: dict, rows: list, headline: dict, key: str, what: str, **extra):
+    """Write a benchmark's JSON (machine, peaks, rows, headline ratio) to args.out and print the
+    headline as the last line, `key: ratio`, which the suite reads."""
+    import transformers
+
     result = dict(threads=args.threads, quick=args.quick, torch=torch.__version__,
-                  transformers=transformers.__version__, loadavg_start=load0, loadavg_end=os.getloadavg()[0],
-                  peak_gflops={k: v / 1e9 for k, v in peaks.items()}, rows=rows, decode_bandwidth=bandwidth,
-                  headline=dict(workload=headline["workload"], dtype=headline["dtype"],
-                                speedup_vs_transformers=headline["speedup"]))
+                  transformers=transformers.__version__, peak_gflops={k: v / 1e9 for k, v in peaks.items()},
+                  **extra, rows=rows, headline=dict(workload=headline["workload"], dtype=headline["dtype"],
+                                                    speedup_vs_transformers=headline["speedup"]))
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}; headline = {headline['workload']} {headline['dtype']}")
-    print(f"speedup_vs_transformers: {headline['speedup']:.2f}")
+    print(f"\nwrote {args.out}; headline = {headline['workload']} {headline['dtype']}{what}")
+    print(f"{key}: {headline['speedup']:.2f}")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import math
 import os
 import statistics
@@ -42,7 +41,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from bench.generate import matmul_peak  # one square-matmul ceiling for every benchmark
+from bench.generate import matmul_peak, write_results  # one matmul ceiling and results format
 
 from learner.learner import LearnerCore, micro_batches
 from nanogrpo.episode import SCHEMA, to_tensors
@@ -359,14 +358,8 @@ def main():
               f"{100 * r['ours_frac_of_peak']:.1f}% of peak (peer {100 * r['peer_frac_of_peak']:.1f}%)"
               + ("  [wall and CPU-time ratios disagree: disturbed by other load, repeat]" if r["disturbed"] else ""))
     headline = next(r for r in rows if r["dtype"] == "float32")
-    result = dict(threads=args.threads, quick=args.quick, torch=torch.__version__,
-                  transformers=transformers.__version__, peak_gflops={k: v / 1e9 for k, v in peaks.items()},
-                  mem_method=HEAP_METHOD, rows=rows,
-                  headline=dict(workload=headline["workload"], dtype=headline["dtype"],
-                                speedup_vs_transformers=headline["speedup"]))
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}; headline = {headline['workload']} {headline['dtype']} (ours / peer tokens/s)")
-    print(f"learner_speedup_vs_transformers: {headline['speedup']:.2f}")
+    write_results(args, peaks, rows, headline, "learner_speedup_vs_transformers", " (ours / peer tokens/s)",
+                  mem_method=HEAP_METHOD)
 
 
 if __name__ == "__main__":

@@ -48,25 +48,36 @@ def _by_dtype(model: torch.nn.Module) -> dict[torch.dtype, list[tuple[str, torch
     return groups
 
 
+def _spans(items):
+    """(name, tensor, offset, numel) of each tensor laid end to end in one flat buffer."""
+    off = 0
+    for name, t in items:
+        yield name, t, off, t.numel()
+        off += t.numel()
+
+
+def _fill(flat: torch.Tensor, items) -> torch.Tensor:
+    """Copy `items` end to end into `flat` (which may live on another device)."""
+    for _, t, off, n in _spans(items):
+        flat[off: off + n].copy_(t.reshape(-1))
+    return flat
+
+
 def flatten_parameters(model: torch.nn.Module) -> dict[torch.dtype, torch.Tensor]:
     """Move every parameter into one contiguous buffer per dtype (on its device) and make the
     parameter a view of it, in `named_parameters` order: the layout `pack` writes. Call it after
     the model has its final device and dtype and before an optimizer captures the parameters;
     in-place updates then land in the flat buffers, which `pack` can ship without a copy."""
+    params = dict(model.named_parameters())
     flats = {}
     with torch.no_grad():
         for dtype, items in _by_dtype(model).items():
             devices = {t.device for _, t in items}
             if len(devices) != 1:
                 raise ValueError(f"flatten_parameters: {dtype} parameters live on several devices {devices}")
-            flat = torch.empty(sum(t.numel() for _, t in items), dtype=dtype, device=devices.pop())
-            params = dict(model.named_parameters())
-            off = 0
-            for name, t in items:
-                n = t.numel()
-                flat[off: off + n].copy_(t.reshape(-1))
+            flat = _fill(torch.empty(sum(t.numel() for _, t in items), dtype=dtype, device=devices.pop()), items)
+            for name, t, off, n in _spans(items):
                 params[name].data = flat[off: off + n].view(t.shape)
-                off += n
             flats[dtype] = flat
     model._flat_params = flats
     return flats
@@ -76,14 +87,13 @@ def _flat_of(model: torch.nn.Module, dtype: torch.dtype, items) -> torch.Tensor 
     """The model's flat buffer for `dtype` if every parameter still sits where `flatten_parameters`
     put it (a later `.to()` or `.data =` would have moved them), else None."""
     flat = getattr(model, "_flat_params", {}).get(dtype)
-    if flat is None:
+    if flat is None or sum(t.numel() for _, t in items) != flat.numel():
         return None
-    off, base, size = 0, flat.data_ptr(), flat.element_size()
-    for _, t in items:
+    base, size = flat.data_ptr(), flat.element_size()
+    for _, t, off, _ in _spans(items):
         if t.device != flat.device or t.data_ptr() != base + off * size or not t.is_contiguous():
             return None
-        off += t.numel()
-    return flat if off == flat.numel() else None
+    return flat
 
 
 def pack(model: torch.nn.Module, version: int, copy: bool = True) -> PackedWeights:
@@ -101,14 +111,8 @@ def pack(model: torch.nn.Module, version: int, copy: bool = True) -> PackedWeigh
             if src is not None:
                 flat.copy_(src)  # one (device-to-host) copy of the whole buffer
             else:
-                off = 0
-                for _, t in items:
-                    flat[off: off + t.numel()].copy_(t.reshape(-1))
-                    off += t.numel()
-        off = 0
-        for name, t in items:
-            layout.append((name, key, tuple(t.shape), off))
-            off += t.numel()
+                _fill(flat, items)
+        layout += [(name, key, tuple(t.shape), off) for name, t, off, _ in _spans(items)]
         buffers[key] = flat.view(_TORCH_VIEW[dtype]).numpy()
     return PackedWeights(version, layout, buffers)
 
@@ -180,11 +184,8 @@ class CollectiveGroup:
                     flat = torch.empty(sum(t.numel() for _, t in items), dtype=dtype, device=dev)
                 dist.broadcast(flat, src=0)
                 if self.rank != 0 and flat is not own:
-                    params = dict(model.named_parameters())
-                    off = 0
-                    for name, t in items:
-                        params[name].copy_(flat[off: off + t.numel()].view_as(t))
-                        off += t.numel()
+                    for _, t, off, n in _spans(items):  # t is a detached view of the parameter
+                        t.copy_(flat[off: off + n].view_as(t))
         return int(v.item())
 
     def close(self):
