@@ -254,9 +254,12 @@ def run(cfg, given: set[str]) -> Path:
 
     # Supervised warm start (fresh runs only), then the first published weights.
     sft_steps = cfg.sft_steps if cfg.sft_steps >= 0 else (300 if cfg.model == "tiny" else 0)
-    if not ckpt and sft_steps > 0 and "solution" in task.train[0]:
+    # The text trained on is the example's "warm_start" when the task gives one (the built-in arithmetic task: a
+    # target-blind format example), else its "solution".
+    field = next((f for f in ("warm_start", "solution") if f in task.train[0]), None)
+    if not ckpt and sft_steps > 0 and field:
         eos = tok.eos_token_id
-        seqs = [(prompt_ids(tok, task, ex), tok.encode(ex["solution"]) + [eos]) for ex in task.train]
+        seqs = [(prompt_ids(tok, task, ex), tok.encode(ex[field]) + [eos]) for ex in task.train]
         t0 = time.perf_counter()
         sft = get(learner.sft.remote(seqs, sft_steps, 64, cfg.sft_lr, cfg.seed), cfg.sync_timeout + 2.0 * sft_steps,
                   "the learner's supervised warm start")

@@ -50,8 +50,9 @@ class RunConfig:
                          "sampler importance weight truncated at this cap (0 = plain ratio to the sampler)")
     micro_batch_tokens: int = opt(16384, "token budget of one learner micro-batch (rows x padded length)")
     grad_checkpointing: bool = opt(False, "recompute activations layer by layer in backward (saves memory)")
-    sft_steps: int = opt(-1, "supervised warm-start steps on task solutions before GRPO "
-                         "(-1 = auto: 300 for the built-in tiny run, else 0)")
+    sft_steps: int = opt(-1, "supervised warm-start steps before GRPO on each example's 'warm_start' text, else its "
+                         "'solution' (the built-in arithmetic task's warm start teaches the answer format only; "
+                         "-1 = auto: 300 for the built-in tiny run, else 0)")
     sft_lr: float = opt(2e-3, "learning rate of the supervised warm start")
     # --- system
     num_rollout_workers: int = opt(2, "Ray rollout actors")

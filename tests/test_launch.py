@@ -88,11 +88,11 @@ def test_end_to_end_tiny_run_learns(tmp_path):
     rows = read_metrics(run_dir)
     steps = [r for r in rows if r["reward_mean"]]
     assert len(steps) == 60
-    # Measured with this seed: 0.28 -> 0.38. Broken learning (a flipped sign, misaligned rewards,
+    # Measured with this seed: 0.32 -> 0.45. Broken learning (a flipped sign, misaligned rewards,
     # weights never reaching the workers) leaves it flat or falling.
     first = sum(float(r["reward_mean"]) for r in steps[:15]) / 15
     last = sum(float(r["reward_mean"]) for r in steps[-15:]) / 15
-    assert last > first + 0.05, (first, last)
+    assert last > first + 0.08, (first, last)
     assert max(float(r["logprob_gap"]) for r in steps) < 1e-3  # k = 0: learner == sampler
     assert max(float(r["staleness_max"]) for r in steps) == 0
     assert rows[0]["eval_success"] != "" and rows[-1]["eval_success"] != ""

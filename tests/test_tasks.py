@@ -3,6 +3,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from fractions import Fraction
 
 import pyarrow as pa
@@ -174,35 +175,56 @@ def test_arithmetic_solutions_and_vocabulary():
     unknown char would crash encoding), solutions the scorer rejects, or budgets too short."""
     allowed = set("0123456789+-*/()=:, ")
     problems = arithmetic.all_problems()
-    assert len(problems) > 1000
+    assert len(problems) > 10000
+    assert len({arithmetic.example_key(p) for p in problems}) == len(problems)
     for p in problems:
         prompt = "".join(m["content"] for m in arithmetic.messages(p)) + "="
-        assert set(prompt) <= allowed and set(p["solution"]) <= allowed
+        assert set(prompt) <= allowed and set(p["solution"]) | set(p["warm_start"]) <= allowed
         assert len(arithmetic.solution(p)) < arithmetic.MAX_NEW_TOKENS
-        assert 1 <= p["target"] <= 99 and all(1 <= n <= 9 for n in p["nums"])
+        a, b = p["nums"]
+        assert 1 <= b <= a <= 99 and p["target"] >= 1
         assert arithmetic.score(p["solution"], p["nums"], p["target"])["answer"] == 1.0
-    assert arithmetic.messages({"nums": [3, 5, 7], "target": 56}) == [
-        {"role": "user", "content": "3,5,7:56"}]
+        assert arithmetic.score(p["warm_start"], p["nums"], p["target"])["format"] == 1.0
+    # Every operation is needed: a policy that only ever adds (or multiplies) cannot pass.
+    ops = Counter(next(c for c in p["solution"][1:] if c in "+-*/") for p in problems)
+    assert min(ops["+"], ops["-"], ops["*"]) > 4000 and ops["/"] > 300
+    assert arithmetic.messages({"nums": [83, 47], "target": 36}) == [
+        {"role": "user", "content": "83,47:36"}]
+
+
+def test_arithmetic_warm_start_is_blind_to_the_target():
+    """Guards the claim that GRPO, not the warm start, teaches which operation hits the target:
+    the warm-start text is the same for every target of a pair of numbers, so it is right only
+    about as often as a random operator (~1/4)."""
+    by_pair = {}
+    for p in arithmetic.all_problems():
+        by_pair.setdefault(tuple(p["nums"]), set()).add(p["warm_start"])
+    assert all(len(texts) == 1 for texts in by_pair.values())
+    rows = arithmetic.all_problems()
+    chance = sum(arithmetic.score_example(p["warm_start"], p)["answer"] for p in rows) / len(rows)
+    assert 0.15 < chance < 0.35, chance
 
 
 @pytest.mark.parametrize("response,fmt,ans,total", [
-    ("(3+5)*7", 1, 1, 1.5),
-    (" (3 + 5) * 7 ", 1, 1, 1.5),
-    ("3+5+7", 1, 0, 0.2 + 0.3 * 15 / 56),  # right numbers, wrong value: credit for closeness
-    ("3*7+5", 1, 0, 0.2 + 0.3 * 26 / 56),  # closer to 56, more credit
-    ("7*(5+3)", 1, 1, 1.5),
-    ("3+5", 1, 0, 0.1),          # parses, wrong numbers
-    ("8*7", 1, 0, 0.1),
-    ("(3+5)*7=", 0, 0, 0.0),
-    ("3,5,7", 0, 0, 0.0),
+    ("83-47", 1, 1, 1.1),
+    (" 83 - 47 ", 1, 1, 1.1),
+    ("(83-47)", 1, 1, 1.1),
+    ("83+47", 1, 0, 0.1),        # right numbers, wrong operation: no credit for being close
+    ("47-83", 1, 0, 0.1),        # negative
+    ("83-47-0", 1, 0, 0.1),      # an extra number
+    ("36", 1, 0, 0.1),           # the target alone
+    ("83-47=", 0, 0, 0.0),
+    ("83,47", 0, 0, 0.0),
     ("", 0, 0, 0.0),
 ])
-def test_arithmetic_partial_credit(response, fmt, ans, total):
-    """Guards against a reward that gives GRPO no signal before the first exact solve, or one
-    where partial credit can outweigh a correct answer."""
-    r = arithmetic.score(response, [3, 5, 7], 56)
+def test_arithmetic_reward(response, fmt, ans, total):
+    """Guards against a reward that pays for anything but the exact answer with both numbers,
+    or that stops paying for the format."""
+    r = arithmetic.score(response, [83, 47], 36)
     assert (r["format"], r["answer"]) == (fmt, ans)
     assert r["total"] == pytest.approx(total)
+    assert arithmetic.score("84/12", [84, 12], 7)["answer"] == 1.0
+    assert arithmetic.score("85/12", [85, 12], 7)["answer"] == 0.0  # 7.08..: exact values only
 
 
 def test_arithmetic_split_is_disjoint_and_seeded():

@@ -1,95 +1,89 @@
 """Built-in arithmetic task for the tiny character-level model (the embedded default run).
 
-Three digits 1-9 and a target of the form `(a op b) op c` over some ordering of them. The tiny
-tokenizer knows only `0123456789+-*/()=:, ` plus specials, and its chat template concatenates
-message contents and appends `=`, so the only message is the user's "a,b,c:T" (digits sorted
-ascending) and the model's whole turn is a bare expression then EOS:
+Countdown with two numbers: a and b in 1-99 and a target that one of `a+b`, `a-b`, `a*b`, `a/b`
+(exact) reaches, so the model has to work out from the numbers and the target which operation
+was used. The tiny tokenizer knows only `0123456789+-*/()=:, ` plus specials, and its chat
+template concatenates message contents and appends `=`, so the only message is the user's
+"a,b:T" (larger number first) and the model's whole turn is a bare expression then EOS:
 
-    prompt  "3,5,7:56="        completion "(3+5)*7" EOS
+    prompt  "83,47:36="        completion "83-47" EOS
 
-Problem space: every ordered (a, b, c) and ops, keeping divisions that are exact at each step
-(no remainder) and targets in 1..99. Problems are identified by (sorted digits, target); the
-stored "solution" is the first one found in enumeration order (ascending digits, ops in "+-*/"),
-written with the fewest parentheses, as supervised warm-start text.
+Problem space: every pair 1 <= b <= a <= 99 and every target >= 1 that an operation on (a, b)
+gives: about 15,000 problems, so the 256 held-out ones are problems the model never trained on.
+Problems are identified by (numbers, target).
 
-Reward (answer dominates; partial credit gives GRPO a gradient before the first exact solve):
-    total = 0.1 * format + 0.1 * numbers + 0.3 * closeness + 1.0 * answer
-format    = the response parses as an expression over digits, + - * / ( ) (no unary minus);
-numbers   = it uses exactly the three given digits (multiset);
-closeness = numbers * max(0, 1 - |value - target| / target): how near a well-formed attempt lands;
-answer    = numbers and the exact value equals the target.
-numbers and closeness are folded into total only, so every task returns the same three keys.
-Credit for the right digits alone is kept small on purpose: when it was 0.2 with no closeness
-term, GRPO collapsed onto "a+b+c" (always well-formed, right digits, often wrong) within ~40
-steps; closeness instead rewards attempts that move toward the target.
+Supervised warm start (`warm_start`): the two numbers in prompt order around an operator picked
+by a generator seeded with the two numbers alone. It never looks at the target, so it teaches
+the answer's format and nothing about which operation hits the target; greedy success after it
+is about chance (~25 %). Everything above chance is GRPO's work. `solution` is a correct answer
+(for tests and inspection), never trained on.
+
+Reward: total = 0.1 * format + 1.0 * answer
+format = the response parses as an expression over digits, + - * / ( ) (no unary minus);
+answer = it uses exactly the two given numbers and its exact value equals the target.
+No partial credit for a value near the target: with it, `a+b` (near the target for most `+`,
+`-` and `/` problems) paid on every problem and the policy collapsed onto always adding before it
+learned to tell the operations apart (measured: held-out stuck at the `+` share, 0.34).
 """
 from __future__ import annotations
 
+import random
 from itertools import product
 
 from nanogrpo.tasks.safe_expr import check_expression, uses_exactly
 
 FORMAT_WEIGHT = 0.1
-NUMBERS_WEIGHT = 0.1
-CLOSENESS_WEIGHT = 0.3
 ANSWER_WEIGHT = 1.0
-MAX_NEW_TOKENS = 16     # longest solution "(9+9)*9" is 7 characters + EOS
-NUM_TEST = 256          # held-out problems (the pool has a few thousand)
-MAX_TARGET = 99
+MAX_NUMBER = 99
+OPS = "+-*/"
+MAX_NEW_TOKENS = 8      # longest answer "99*99" is 5 characters + EOS
+NUM_TEST = 256          # held-out problems (the pool has ~15,000)
 RESPONSE_PREFIX = ""    # nothing prefilled: the template's "=" already asks for the expression
 
 
-def _apply(x: int, op: str, y: int) -> int | None:
-    """Integer result of x op y, or None when a division is not exact."""
+def _apply(a: int, op: str, b: int) -> int | None:
+    """Integer result of a op b, or None when a division is not exact."""
     if op == "+":
-        return x + y
+        return a + b
     if op == "-":
-        return x - y
+        return a - b
     if op == "*":
-        return x * y
-    return x // y if x % y == 0 else None  # y is always a digit >= 1: a op b is only ever the left
-
-
-def _render(a: int, op1: str, b: int, op2: str, c: int) -> str:
-    # Left-associative, so parens are needed only for a low-precedence inner op under * or /.
-    if op1 in "+-" and op2 in "*/":
-        return f"({a}{op1}{b}){op2}{c}"
-    return f"{a}{op1}{b}{op2}{c}"
+        return a * b
+    return a // b if a % b == 0 else None
 
 
 def all_problems() -> list[dict]:
-    """Every distinct problem in a fixed order: {"nums": sorted digits, "target", "solution"}."""
-    found: dict[tuple, str] = {}
-    for a, b, c in product(range(1, 10), repeat=3):
-        for op1, op2 in product("+-*/", repeat=2):
-            inner = _apply(a, op1, b)
-            if inner is None:
+    """Every distinct problem in a fixed order: {"nums": [a, b] with a >= b, "target", "solution",
+    "warm_start"}. A target two operations reach (2+2 = 2*2) is one problem; its `solution` is
+    the first operation in "+-*/" order."""
+    rows = []
+    for a, b in product(range(1, MAX_NUMBER + 1), repeat=2):
+        if b > a:
+            continue
+        warm_op = random.Random(f"{a},{b}").choice(OPS)  # from the numbers only: target-blind
+        seen = set()
+        for op in OPS:
+            t = _apply(a, op, b)
+            if t is None or t < 1 or t in seen:
                 continue
-            value = _apply(inner, op2, c)
-            if value is None or not 1 <= value <= MAX_TARGET:
-                continue
-            found.setdefault((tuple(sorted((a, b, c))), value), _render(a, op1, b, op2, c))
-    return [{"nums": list(nums), "target": t, "solution": s} for (nums, t), s in found.items()]
+            seen.add(t)
+            rows.append({"nums": [a, b], "target": t, "solution": f"{a}{op}{b}", "warm_start": f"{a}{warm_op}{b}"})
+    return rows
 
 
 def messages(example: dict) -> list[dict]:
-    nums = ",".join(str(n) for n in example["nums"])
-    return [{"role": "user", "content": f"{nums}:{example['target']}"}]
+    a, b = example["nums"]
+    return [{"role": "user", "content": f"{a},{b}:{example['target']}"}]
 
 
 def score(response: str, nums, target) -> dict:
-    """Partial-credit reward for a bare expression; never raises on any string."""
+    """Format credit plus an exact answer; never raises on any string."""
     if not isinstance(response, str):
         return {"format": 0.0, "answer": 0.0, "total": 0.0}
     r = check_expression(response.strip())
     fmt = 1.0 if r.ok else 0.0
-    numbers = 1.0 if uses_exactly(r, nums) else 0.0
-    answer = 1.0 if numbers and r.value is not None and r.value == target else 0.0
-    close = 0.0
-    if numbers and r.value is not None:
-        close = max(0.0, 1.0 - float(abs(r.value - target)) / max(abs(target), 1))
-    total = FORMAT_WEIGHT * fmt + NUMBERS_WEIGHT * numbers + CLOSENESS_WEIGHT * close + ANSWER_WEIGHT * answer
-    return {"format": fmt, "answer": answer, "total": total}
+    answer = 1.0 if uses_exactly(r, nums) and r.value is not None and r.value == target else 0.0
+    return {"format": fmt, "answer": answer, "total": FORMAT_WEIGHT * fmt + ANSWER_WEIGHT * answer}
 
 
 def score_example(response: str, example: dict) -> dict:
@@ -97,9 +91,9 @@ def score_example(response: str, example: dict) -> dict:
 
 
 def solution(example: dict) -> str:
-    """Warm-start target text for an example (its stored solver solution)."""
+    """A correct answer for an example (not the warm-start text, which is target-blind)."""
     return example["solution"]
 
 
 def example_key(example: dict) -> tuple:
-    return (tuple(sorted(example["nums"])), example["target"])
+    return (tuple(example["nums"]), example["target"])
