@@ -13,7 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from nanogrpo.tokenizer import Tokenizer
 
-# Everything an arithmetic prompt ("3,5,7:26") or answer ("(3+5)*7") can contain; one token each.
+# Everything an arithmetic prompt ("83,47:36") or answer ("83-47", "(3+5)*7") can contain; one token each.
 TINY_CHARS = "0123456789+-*/()=:, "
 ENDOFTEXT = "<|endoftext|>"
 # Control tokens after the characters, as in HF vocabularies where added tokens come last; the ChatML pair is
