@@ -196,11 +196,11 @@ def test_arithmetic_warm_start_is_blind_to_the_target():
     """Guards the claim that GRPO, not the warm start, teaches which operation hits the target:
     the warm-start text is the same for every target of a pair of numbers, so it is right only
     about as often as a random operator (~1/4)."""
+    rows = arithmetic.all_problems()
     by_pair = {}
-    for p in arithmetic.all_problems():
+    for p in rows:
         by_pair.setdefault(tuple(p["nums"]), set()).add(p["warm_start"])
     assert all(len(texts) == 1 for texts in by_pair.values())
-    rows = arithmetic.all_problems()
     chance = sum(arithmetic.score_example(p["warm_start"], p)["answer"] for p in rows) / len(rows)
     assert 0.15 < chance < 0.35, chance
 
@@ -223,6 +223,10 @@ def test_arithmetic_reward(response, fmt, ans, total):
     r = arithmetic.score(response, [83, 47], 36)
     assert (r["format"], r["answer"]) == (fmt, ans)
     assert r["total"] == pytest.approx(total)
+
+
+def test_arithmetic_division_is_exact():
+    """Guards against rounding a division onto the target."""
     assert arithmetic.score("84/12", [84, 12], 7)["answer"] == 1.0
     assert arithmetic.score("85/12", [85, 12], 7)["answer"] == 0.0  # 7.08..: exact values only
 

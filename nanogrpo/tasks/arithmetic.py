@@ -28,8 +28,6 @@ learned to tell the operations apart (measured: held-out stuck at the `+` share,
 from __future__ import annotations
 
 import random
-from itertools import product
-
 from nanogrpo.tasks.safe_expr import check_expression, uses_exactly
 
 FORMAT_WEIGHT = 0.1
@@ -57,9 +55,7 @@ def all_problems() -> list[dict]:
     "warm_start"}. A target two operations reach (2+2 = 2*2) is one problem; its `solution` is
     the first operation in "+-*/" order."""
     rows = []
-    for a, b in product(range(1, MAX_NUMBER + 1), repeat=2):
-        if b > a:
-            continue
+    for a, b in ((a, b) for a in range(1, MAX_NUMBER + 1) for b in range(1, a + 1)):
         warm_op = random.Random(f"{a},{b}").choice(OPS)  # from the numbers only: target-blind
         seen = set()
         for op in OPS:
