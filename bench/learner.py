@@ -1,21 +1,24 @@
 """Learner step throughput: our GRPO step vs a plain transformers + torch.optim.AdamW loop.
 
 Both sides train on the *same* GRPO-shaped batch (groups x G completions, prompt 16-48 tokens,
-completion 16-128 tokens, random group-varied rewards), split into the *same* right-padded
-micro-batches (`learner.learner.micro_batches` under one token budget), with the same weights,
-dtype, loss (clipped GRPO, clip-higher, token-mean) and thread count, in the same process; the
-first step of each must give the same pre-clip gradient norm (printed as match / MISMATCH).
-bf16 rows run both sides under `torch.autocast("cpu", bfloat16)` with fp32 weights.
+completion 16-128 tokens, random group-varied rewards) under the same micro-batch token budget,
+with the same weights, dtype, loss (clipped GRPO, clip-higher, token-mean) and thread count, in
+the same process; the first step of each must give the same pre-clip gradient norm (printed as
+match / MISMATCH). bf16 rows run both sides under `torch.autocast("cpu", bfloat16)` with fp32 weights.
 
-  ours  `LearnerCore.train_step(table)`: Arrow table -> tensors, advantages, micro-batching,
-        Qwen2 forward, chunked `token_logprobs` (+ entropy, as the learner always reports it),
-        `grpo_loss`, backward, `clip_grad_norm_`, `CPUOffloadAdamW`, metrics. Everything counted.
-  peer  what a user writes: `Qwen2ForCausalLM(ids).logits`, `log_softmax`, `gather`, the clipped
-        loss, backward, `torch.nn.utils.clip_grad_norm_`, `torch.optim.AdamW` (its CPU default).
+  ours  `LearnerCore.train_step(table)`: Arrow table -> tensors, advantages, micro-batching of
+        whole groups, Qwen2 forward with each prompt run once for its G completions
+        (`Qwen2.completion_hidden`), chunked `token_logprobs` (+ entropy, as the learner always
+        reports it), `grpo_loss`, backward, `clip_grad_norm_`, `CPUOffloadAdamW`, metrics.
+        Everything counted.
+  peer  what a user writes: `Qwen2ForCausalLM(ids).logits` on each prompt + completion row,
+        `log_softmax`, `gather`, the clipped loss, backward, `torch.nn.utils.clip_grad_norm_`,
+        `torch.optim.AdamW` (its CPU default), on length-sorted right-padded row micro-batches.
         Its micro-batch tensors are prepared *outside* the timer, so the peer gets a head start.
 
 Figures: completion and total tokens/s per step (best of interleaved repeats), ours/peer ratio,
-achieved FLOP/s (6 x matmul params x real tokens, attention ignored) as a fraction of a square
+achieved FLOP/s (6 x matmul params x the tokens each side runs through the model, attention
+ignored: ours runs a group's prompt once, the peer G times) as a fraction of a square
 matmul peak measured in this run, and the cost of gradient checkpointing (time ratio and peak
 memory). Memory is the peak of glibc's live heap (`mallinfo2`: arena bytes in use + mmapped
 bytes; torch's CPU allocator does not cache, so this is live tensor memory plus small Python
@@ -43,7 +46,7 @@ import torch
 
 from bench.generate import matmul_peak, write_results  # one matmul ceiling and results format
 
-from learner.learner import LearnerCore, micro_batches
+from learner.learner import LearnerCore
 from nanogrpo.episode import SCHEMA, to_tensors
 from nanogrpo.grpo import group_advantages
 from nanogrpo.model import Qwen2
@@ -83,14 +86,26 @@ def make_table(groups: int, G: int, vocab: int, seed: int) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
+def row_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Row indices in micro-batches of similar length: rows x longest row <= budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out, cur = [], []
+    for i in order:
+        if cur and lengths[cur[0]] * (len(cur) + 1) > token_budget:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + [cur] if cur else out
+
+
 def peer_batches(table: pa.Table, G: int, budget: int) -> tuple[list[dict], float]:
-    """The micro-batches LearnerCore.train_step builds, as plain tensors for the peer loop."""
+    """The peer's right-padded row micro-batches, as plain tensors."""
     table = table.sort_by("group_id")
     b = to_tensors(table, pad_id=0)
     adv, _ = group_advantages(b["rewards"], G)
     lengths = b["lengths"].tolist()
     out = []
-    for mb in micro_batches(lengths, budget):
+    for mb in row_micro_batches(lengths, budget):
         idx = torch.tensor(mb)
         L = int(b["lengths"][idx].max())
         out.append(dict(ids=b["input_ids"][idx, :L], mask=b["loss_mask"][idx, :L - 1],
@@ -216,6 +231,8 @@ def bench_workload(name: str, shape: dict, groups: int, G: int, budget: int, rep
     table = make_table(groups, G, shape["vocab_size"], seed=0)
     comp_tokens = sum(len(c) for c in table.column("completion_ids").to_pylist())
     tot_tokens = comp_tokens + sum(len(p) for p in table.column("prompt_ids").to_pylist())
+    # Ours runs each group's prompt once (groups are G consecutive rows sharing one prompt).
+    ours_tokens = comp_tokens + sum(len(p) for p in table.column("prompt_ids").to_pylist()[::G])
     batches, tok_den = peer_batches(table, G, budget)
     padded = sum(mb["ids"].numel() for mb in batches)
     rows = []
@@ -260,7 +277,7 @@ def bench_workload(name: str, shape: dict, groups: int, G: int, budget: int, rep
             med = {k: min(v) for k, v in wall.items()}
             cmed = {k: min(v) for k, v in cpu.items()}
             to, tp = med["ours"], med["peer"]
-            flops = 6 * n_mm * tot_tokens
+            flops, flops_peer = 6 * n_mm * ours_tokens, 6 * n_mm * tot_tokens
             row = dict(workload=name, dtype=dt, groups=groups, group_size=G, micro_batch_tokens=budget,
                        micro_batches=len(batches), completion_tokens=comp_tokens, total_tokens=tot_tokens,
                        padded_tokens=padded, matmul_params=n_mm, reps=reps,
@@ -269,8 +286,9 @@ def bench_workload(name: str, shape: dict, groups: int, G: int, budget: int, rep
                        ours_completion_tok_s=comp_tokens / to, peer_completion_tok_s=comp_tokens / tp,
                        ours_total_tok_s=tot_tokens / to, peer_total_tok_s=tot_tokens / tp, speedup=tp / to,
                        ours_cpu_s=cmed["ours"], peer_cpu_s=cmed["peer"], speedup_cpu_time=cmed["peer"] / cmed["ours"],
-                       ours_gflops=flops / to / 1e9, peer_gflops=flops / tp / 1e9, peak_gflops=peaks[dt] / 1e9,
-                       ours_frac_of_peak=flops / to / peaks[dt], peer_frac_of_peak=flops / tp / peaks[dt],
+                       ours_model_tokens=ours_tokens,
+                       ours_gflops=flops / to / 1e9, peer_gflops=flops_peer / tp / 1e9, peak_gflops=peaks[dt] / 1e9,
+                       ours_frac_of_peak=flops / to / peaks[dt], peer_frac_of_peak=flops_peer / tp / peaks[dt],
                        first_step_grad_norm_ours=gn_ours, first_step_grad_norm_peer=gn_peer, grad_norm_match=agree)
             # Load from other jobs shows up as wall and CPU-time ratios that disagree.
             row["disturbed"] = abs(math.log(row["speedup"] / row["speedup_cpu_time"])) > math.log(1.2)

@@ -1,7 +1,8 @@
 """Learner: a Ray actor that turns groups of episodes into GRPO updates and publishes weights.
 
 One `train_step` = take B groups (an Arrow table the driver routes from the buffer), compute
-group-normalised advantages, pack the rows into length-sorted micro-batches under a token budget,
+group-normalised advantages, pack the groups into micro-batches of similar completion length under
+a token budget (each prompt runs once for its G completions, see Qwen2.completion_hidden),
 accumulate gradients (bf16 autocast on CUDA), clip, step the CPU-offloaded AdamW, bump the policy
 version and `ray.put` the packed weights once. It also recomputes the sampled tokens' log-probs
 and reports their gap to the sampler's: with staleness 0 it must be ~0, so a broken weight sync
@@ -21,25 +22,27 @@ import torch
 
 from learner.broadcast import free_port
 from nanogrpo.checkpoint import load_run_state, local_model_dir, save_run_checkpoint
-from nanogrpo.episode import group_sizes, to_tensors
+from nanogrpo.episode import group_sizes, group_tensors
 from nanogrpo.grpo import group_advantages, grpo_loss, token_logprobs
 from nanogrpo.model import Qwen2
 from nanogrpo.optim import CPUOffloadAdamW, clip_grad_norm_, param_groups
 from nanogrpo.runconfig import RunConfig
 from nanogrpo.weights import CollectiveGroup, digest, flatten_parameters, pack
 
-def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Row indices grouped into micro-batches of similar length: rows x longest row <= budget
-    (a row longer than the budget gets a batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out, cur, cur_max = [], [], 0
-    for i in order:
-        m = max(cur_max, lengths[i])
-        if cur and m * (len(cur) + 1) > token_budget:
+def micro_batches(prompt_lens: list[int], completion_lens: list[int], rows_per_group: int,
+                  token_budget: int) -> list[list[int]]:
+    """Group indices packed into micro-batches of similar completion length, each under the token
+    budget: groups x longest prompt + rows x longest completion (each prompt runs once per group;
+    a group over the budget on its own gets a micro-batch of its own)."""
+    order = sorted(range(len(prompt_lens)), key=lambda g: -completion_lens[g])
+    out, cur, tp, tc = [], [], 0, 0
+    for g in order:
+        p, c = max(tp, prompt_lens[g]), max(tc, completion_lens[g])
+        if cur and (len(cur) + 1) * (p + rows_per_group * c) > token_budget:
             out.append(cur)
-            cur, m = [], lengths[i]
-        cur.append(i)
-        cur_max = m
+            cur, p, c = [], prompt_lens[g], completion_lens[g]
+        cur.append(g)
+        tp, tc = p, c
     if cur:
         out.append(cur)
     return out
@@ -134,41 +137,44 @@ class LearnerCore:
         sizes = group_sizes(table)
         if any(s != G for s in sizes):
             raise ValueError(f"learner got groups of sizes {sorted(set(sizes))}, expected {G}")
-        batch = to_tensors(table, pad_id=0)
+        batch = group_tensors(table, pad_id=0)
         rewards, versions = batch["rewards"], batch["versions"]
         adv, zero_var = group_advantages(rewards, G, scale_std=cfg.scale_std)
-        keep = torch.ones_like(rewards, dtype=torch.bool)
+        keep = torch.ones_like(zero_var)
         if cfg.drop_zero_var and cfg.kl_coef == 0 and cfg.entropy_coef == 0:
             # A zero-variance group has zero advantage: it adds nothing but denominator weight.
-            keep = ~zero_var.repeat_interleave(G)
-        rows = keep.nonzero().squeeze(-1).tolist()
-        mask_all = batch["loss_mask"]
-        tok_den = float(mask_all[rows].sum()) if rows else 1.0
-        seq_den = float(len(rows)) or 1.0
+            keep = ~zero_var
+        groups = keep.nonzero().squeeze(-1).tolist()
+        p_lens, c_lens = batch["prompt_lens"], batch["completion_lens"]
+        kept_rows = torch.tensor([g * G + i for g in groups for i in range(G)], dtype=torch.long)
+        tok_den = float(c_lens[kept_rows].sum()) if groups else 1.0
+        seq_den = float(len(kept_rows)) or 1.0
         sums, n_tok = {}, 0
         gap_sum, gap_n, gap_on_sum, gap_on_n = 0.0, 0, 0.0, 0
         use_amp = self.device.type == "cuda"
         self.model.train()
-        for mb in micro_batches([int(batch["lengths"][i]) for i in rows], cfg.micro_batch_tokens):
-            idx = torch.tensor([rows[i] for i in mb])
-            L = int(batch["lengths"][idx].max())
-            ids = batch["input_ids"][idx, :L].to(self.device)  # (b, L)
-            # Position t predicts token t+1. Only positions from the micro-batch's first completion
-            # token on need logits: the lm_head and log-softmax skip the (b, prompt, V) part.
-            m_full = mask_all[idx, : L - 1]
-            s = int(m_full.int().argmax(-1).min()) if bool(m_full.any()) else 0
-            mask = m_full[:, s:].to(self.device)  # (b, L-1-s)
-            old = batch["old_logprobs"][idx, s: L - 1].to(self.device)
+        longest = c_lens.view(-1, G).max(-1).values.tolist()  # per group
+        for mb in micro_batches([int(p_lens[g]) for g in groups], [longest[g] for g in groups], G,
+                                cfg.micro_batch_tokens):
+            gi = torch.tensor([groups[j] for j in mb])  # (g,) groups; their rows are contiguous, G each
+            idx = (gi[:, None] * G + torch.arange(G)).flatten()  # (b,) rows
+            Tp, Tc = int(p_lens[gi].max()), int(c_lens[idx].max())
+            prompts, plen = batch["prompt_ids"][gi, :Tp].to(self.device), p_lens[gi].to(self.device)
+            comp = batch["completion_ids"][idx, :Tc].to(self.device)  # (b, Tc)
+            row_prompt = torch.arange(len(mb), device=self.device).repeat_interleave(G)
+            mask = (torch.arange(Tc)[None] < c_lens[idx][:, None]).to(self.device)  # (b, Tc)
+            old = batch["old_logprobs"][idx, :Tc].to(self.device)
+            # Each prompt runs once for its G completions; logits only where a completion token is predicted.
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = self.model.lm_head(self.model(ids, return_hidden=True)[:, s: L - 1])
-            logp, ent = token_logprobs(logits, ids[:, s + 1:], cfg.temperature, with_entropy=True)
+                logits = self.model.lm_head(self.model.completion_hidden(prompts, plen, comp, row_prompt))
+            logp, ent = token_logprobs(logits, comp, cfg.temperature, with_entropy=True)
             if cfg.entropy_coef == 0:
                 ent = ent.detach()
             ref_logp = None
             if self.ref is not None:
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    ref_hidden = self.ref(ids, return_hidden=True)[:, s: L - 1]
-                    ref_logp = token_logprobs(self.ref.lm_head(ref_hidden), ids[:, s + 1:], cfg.temperature)
+                    ref_hidden = self.ref.completion_hidden(prompts, plen, comp, row_prompt)
+                    ref_logp = token_logprobs(self.ref.lm_head(ref_hidden), comp, cfg.temperature)
             stale = (versions[idx] < self.version).to(self.device)
             prox = None
             if cfg.tis_cap > 0 and bool(stale.any()):
@@ -189,7 +195,7 @@ class LearnerCore:
             on = mask & ~stale[:, None]
             gap_on_sum, gap_on_n = gap_on_sum + float((gap * on).sum()), gap_on_n + int(on.sum())
         lr = self._lr(self.version)
-        if rows:
+        if groups:
             grad_norm, ok = self._apply_grads(lr)
         else:
             grad_norm, ok = 0.0, True
@@ -197,7 +203,7 @@ class LearnerCore:
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
         self.version += 1
         metrics = {k: v / max(n_tok, 1) for k, v in sums.items()}
-        comp_len = (batch["loss_mask"].sum(-1)).float()
+        comp_len = c_lens.float()
         answers = table.column("reward_answer").to_numpy()
         metrics.update({
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),

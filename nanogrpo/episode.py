@@ -72,3 +72,45 @@ def to_tensors(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
         "versions": torch.tensor(table.column("policy_version").to_pylist(), dtype=torch.long),
         "lengths": torch.tensor([len(p) + len(c) for p, c in zip(prompts, comps)], dtype=torch.long),
     }
+
+
+def group_tensors(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Training tensors with one prompt per group, for `Qwen2.completion_hidden`.
+
+    prompt_ids (P, Tp) and completion_ids (N, Tc) right-padded, with prompt_lens (P,) and
+    completion_lens (N,); index (N,) maps a row to its group's prompt; old_logprobs (N, Tc) are the
+    sampler's, aligned with completion_ids. Groups must be contiguous (as the buffer stores them),
+    and every row of a group must carry the group's prompt.
+    """
+    prompts = table.column("prompt_ids").to_pylist()
+    comps = table.column("completion_ids").to_pylist()
+    logps = table.column("logprobs").to_pylist()
+    gids = table.column("group_id").to_pylist()
+    index, group_prompts = [], []
+    for i, g in enumerate(gids):
+        if i == 0 or g != gids[i - 1]:
+            group_prompts.append(prompts[i])
+        index.append(len(group_prompts) - 1)
+    for i, p in enumerate(index):
+        if prompts[i] != group_prompts[p]:
+            raise ValueError(f"group {gids[i]}: rows carry different prompts; a group shares one prompt")
+    P, N = len(group_prompts), len(comps)
+    prompt_ids = torch.full((P, max(map(len, group_prompts))), pad_id, dtype=torch.long)
+    for j, p in enumerate(group_prompts):
+        prompt_ids[j, : len(p)] = torch.tensor(p, dtype=torch.long)
+    Tc = max(max(map(len, comps)), 1)
+    completion_ids = torch.full((N, Tc), pad_id, dtype=torch.long)
+    old = torch.zeros(N, Tc, dtype=torch.float32)
+    for i, (c, lp) in enumerate(zip(comps, logps)):
+        completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        old[i, : len(c)] = torch.tensor(lp, dtype=torch.float32)
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_lens": torch.tensor([len(p) for p in group_prompts], dtype=torch.long),
+        "completion_ids": completion_ids,
+        "completion_lens": torch.tensor([len(c) for c in comps], dtype=torch.long),
+        "old_logprobs": old,
+        "index": torch.tensor(index, dtype=torch.long),
+        "rewards": torch.tensor(table.column("reward").to_pylist(), dtype=torch.float32),
+        "versions": torch.tensor(table.column("policy_version").to_pylist(), dtype=torch.long),
+    }

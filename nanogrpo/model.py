@@ -10,6 +10,8 @@ Two forward modes share one code path:
   * inference: `model(input_ids, cache=cache, input_lengths=...)` appends the tokens to each row of
     a `KVCache` at that row's own length, so rows of different lengths decode together without any
     padding inside the cache (see KVCache).
+A third, `completion_hidden`, is the training forward for GRPO groups: the G completions of a prompt
+attend to one shared forward of that prompt (see PromptKV) instead of each recomputing it.
 """
 from __future__ import annotations
 
@@ -116,6 +118,44 @@ class KVCache:
         self.lengths[dst] = self.lengths[src]
 
 
+class PromptKV:
+    """Keys/values of a batch of prompts, with their autograd graph, shared by the completions of each.
+
+    Two forwards use it. The prompts' forward (`PromptKV(lens, index)`, prompts right-padded)
+    stores every layer's keys and values; the completions' forward (`.replay()`) lets completion
+    row r attend to prompt index[r]'s keys at positions < lens[index[r]] and causally to its own,
+    at positions that continue the prompt. Each row thus computes exactly what the concatenated
+    prompt + completion would, while the prompt runs once per group instead of once per row; the
+    gradient of a shared key sums over the completions that read it. Layers store by index (not
+    append), so a gradient-checkpointing recompute of the prompts' forward overwrites, not grows.
+    """
+
+    def __init__(self, prompt_lens: torch.Tensor, index: torch.Tensor, k=None, v=None):
+        self.prompt_lens, self.index = prompt_lens, index  # (P,), (N,) row -> prompt
+        self.replaying = k is not None
+        self.k, self.v = (k, v) if self.replaying else ({}, {})
+
+    def replay(self) -> "PromptKV":
+        return PromptKV(self.prompt_lens, self.index, self.k, self.v)
+
+    def attend(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v (B, H_kv, T, D) of this forward -> the keys/values its queries attend to."""
+        if not self.replaying:
+            self.k[layer_idx], self.v[layer_idx] = k, v
+            return k, v
+        return (torch.cat((self.k[layer_idx][self.index], k), 2),  # (N, H_kv, Tp + T, D)
+                torch.cat((self.v[layer_idx][self.index], v), 2))
+
+    def positions_and_mask(self, T: int, dtype):
+        """Replay: positions (N, T) after each row's prompt, and the additive mask (N, 1, T, Tp + T)."""
+        lens = self.prompt_lens[self.index]  # (N,)
+        dev, Tp = lens.device, self.k[0].shape[2]
+        pos = lens[:, None] + torch.arange(T, device=dev)  # (N, T)
+        prompt_ok = (torch.arange(Tp, device=dev)[None, :] < lens[:, None])[:, None, :].expand(-1, T, -1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None].expand(lens.shape[0], -1, -1)
+        return pos, additive_mask(torch.cat((prompt_ok, causal), -1), dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -140,6 +180,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
+        elif isinstance(cache, PromptKV):
+            k, v = cache.attend(layer_idx, k.transpose(1, 2), v.transpose(1, 2))
         else:
             kc, vc = cache.k[layer_idx], cache.v[layer_idx]  # (B_max, H_kv, S, D)
             rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
@@ -304,15 +346,15 @@ class Qwen2(nn.Module):
             self._rope[key] = (cos[0, :, 0], sin[0, :, 0])
         return self._rope[key]
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | PromptKV | None = None,
                 input_lengths=None, logits_at=None, return_hidden: bool = False):
         """input_ids (B, T) -> logits (B, T, V).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left or right); positions then
             count real tokens only, so a left-padded row gives the same logits as unpadded.
-        cache: append to each row of the cache at its own length (prefill or decode). Rows whose
-            input is shorter than T pass input_lengths (B,); the tail is padding whose keys are
-            written but never counted, and later overwritten.
+        cache: a KVCache: append to each row of the cache at its own length (prefill or decode).
+            Rows whose input is shorter than T pass input_lengths (B,); the tail is padding whose
+            keys are written but never counted, and later overwritten. A PromptKV: see there.
         logits_at (B,): compute logits only at one position per row -> (B, V). A prefill needs only
             the last position, which saves a (B, T, V) projection on a 150k vocabulary.
         return_hidden: return the final normed hidden states (B, T, C) instead of logits.
@@ -322,7 +364,10 @@ class Qwen2(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         mask, pos, n_pos = None, None, T  # n_pos: host-side bound on the positions used
         explicit_positions = position_ids is not None
-        if cache is not None:
+        if isinstance(cache, PromptKV) and cache.replaying:
+            pos, mask = cache.positions_and_mask(T, x.dtype)
+            position_ids, n_pos = pos, int(cache.prompt_lens.max()) + T
+        elif isinstance(cache, KVCache):
             if input_lengths is None:
                 input_lengths = torch.full((B,), T, dtype=torch.long, device=dev)
             if cache.bound + T > cache.max_len:
@@ -352,10 +397,10 @@ class Qwen2(nn.Module):
                 cos, sin = cos[position_ids][:, :, None], sin[position_ids][:, :, None]  # (B, T, 1, D)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, i, cache, pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, i, cache, pos)
-        if cache is not None:
+        if isinstance(cache, KVCache):
             cache.lengths[:B] += input_lengths
         x = self.model.norm(x)
         if return_hidden:
@@ -363,3 +408,19 @@ class Qwen2(nn.Module):
         if logits_at is not None:
             x = x[torch.arange(B, device=dev), logits_at]  # (B, C)
         return self.lm_head(x)
+
+    def completion_hidden(self, prompt_ids, prompt_lens, completion_ids, index) -> torch.Tensor:
+        """The final hidden states that predict each completion token, each prompt run once.
+
+        prompt_ids (P, Tp) right-padded with lengths prompt_lens (P,); completion_ids (N, Tc)
+        right-padded, row r completing prompt index[r]. -> (N, Tc, C): [:, 0] at the prompt's last
+        token, [:, t] at completion token t-1; the same values as running every prompt + completion
+        on its own. Padding positions hold values that no real position depends on.
+        """
+        kv = PromptKV(prompt_lens, index)
+        hp = self(prompt_ids, cache=kv, return_hidden=True)  # (P, Tp, C)
+        first = hp[index, prompt_lens[index] - 1][:, None]  # (N, 1, C)
+        if completion_ids.shape[1] == 1:
+            return first
+        hc = self(completion_ids[:, :-1], cache=kv.replay(), return_hidden=True)  # (N, Tc - 1, C)
+        return torch.cat((first, hc), 1)

@@ -1,8 +1,8 @@
 """The learner's GRPO step against a plain full-batch reference.
 
-LearnerCore splits a step into length-sorted micro-batches under a token budget, runs the lm_head
-only from each micro-batch's first completion position, and scales every micro-batch by the whole
-batch's denominators. None of that may change the update: one step must leave the same weights as
+LearnerCore splits a step into micro-batches of whole groups under a token budget, runs each
+group's prompt once for its G completions, runs the lm_head only where a completion token is
+predicted, and scales every micro-batch by the whole batch's denominators. None of that may change the update: one step must leave the same weights as
 a single full-batch loss over full logits followed by `torch.optim.AdamW`.
 """
 import random
@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from learner.learner import LearnerCore
-from nanogrpo.episode import group_batch, to_tensors
+from learner.learner import LearnerCore, micro_batches
+from nanogrpo.episode import group_batch, group_tensors, to_tensors
 from nanogrpo.grpo import group_advantages, grpo_loss, token_logprobs
 from nanogrpo.model import Qwen2
 from nanogrpo.runconfig import RunConfig
@@ -89,3 +89,34 @@ def test_micro_batched_step_equals_full_batch_reference(model_dir, loss_agg):
         if name.endswith("k_proj.bias"):
             continue  # softmax ignores a per-query constant: this gradient is 0 up to rounding
         torch.testing.assert_close(p, q, rtol=0, atol=5e-5, msg=name)
+
+
+def test_micro_batches_cover_every_group_once_under_the_budget():
+    """Guards against micro-batching that drops or repeats a group, or exceeds the token budget
+    (groups x longest prompt + rows x longest completion) with more than one group."""
+    rng = random.Random(0)
+    p_lens = [rng.randint(1, 40) for _ in range(50)]
+    c_lens = [rng.randint(1, 120) for _ in range(50)]
+    for budget in (1, 300, 2000, 10**6):
+        mbs = micro_batches(p_lens, c_lens, G, budget)
+        assert sorted(g for mb in mbs for g in mb) == list(range(50))
+        for mb in mbs:
+            cost = len(mb) * (max(p_lens[g] for g in mb) + G * max(c_lens[g] for g in mb))
+            assert len(mb) == 1 or cost <= budget
+        if budget == 10**6:
+            assert len(mbs) == 1
+
+
+def test_group_tensors_share_one_prompt_per_group(model_dir):
+    """Guards against a group whose rows carry different prompts being trained as if they shared
+    the first row's prompt."""
+    table = episodes(Qwen2.from_pretrained(model_dir), 3, seed=2)
+    b = group_tensors(table)
+    assert b["prompt_ids"].shape[0] == 3 and b["index"].tolist() == [g for g in range(3) for _ in range(G)]
+    for r, (p, c) in enumerate(zip(table.column("prompt_ids").to_pylist(), table.column("completion_ids").to_pylist())):
+        assert b["prompt_ids"][b["index"][r], :b["prompt_lens"][b["index"][r]]].tolist() == p
+        assert b["completion_ids"][r, :b["completion_lens"][r]].tolist() == c
+    rows = table.to_pylist()
+    rows[1]["prompt_ids"] = rows[1]["prompt_ids"] + [5]
+    with pytest.raises(ValueError, match="group 0: rows carry different prompts"):
+        group_tensors(pa.Table.from_pylist(rows, schema=table.schema))

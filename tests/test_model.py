@@ -164,6 +164,50 @@ def test_gradient_checkpointing_same_loss_and_grads():
     assert any(v.abs().sum() > 0 for k, v in g0.items() if k.endswith("q_proj.bias"))
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_shared_prompt_forward_matches_each_row_alone(ckpt):
+    """Guards against the learner's shared-prompt forward (each prompt run once for its G
+    completions) attending to another row's prompt, to prompt padding, or to later completion
+    tokens, placing RoPE positions wrongly, or losing the gradient through the shared keys: hidden
+    states and every gradient must equal running each prompt + completion row on its own."""
+    import random
+
+    from nanogrpo.config import ModelConfig
+
+    cfg = ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(97) for _ in range(n)] for n in (1, 7, 4)]
+    comps = [[rng.randrange(97) for _ in range(rng.randint(1, 6))] for _ in range(12)]
+    index = [r // 4 for r in range(12)]  # 4 completions per prompt
+    P = torch.zeros(3, 7, dtype=torch.long)
+    for j, p in enumerate(prompts):
+        P[j, :len(p)] = torch.tensor(p)
+    C = torch.zeros(12, 6, dtype=torch.long)
+    for r, c in enumerate(comps):
+        C[r, :len(c)] = torch.tensor(c)
+    shared = randomise_(Qwen2.from_config(cfg, seed=0), seed=4).train()
+    alone = randomise_(Qwen2.from_config(cfg, seed=0), seed=4).train()
+    shared.gradient_checkpointing = ckpt
+    h = shared.completion_hidden(P, torch.tensor([len(p) for p in prompts]), C, torch.tensor(index))
+    assert h.shape == (12, 6, 64)
+    loss_shared, loss_alone = 0.0, 0.0
+    for r, c in enumerate(comps):
+        p = prompts[index[r]]
+        ref = alone(torch.tensor([p + c]), return_hidden=True)[0, len(p) - 1: len(p) - 1 + len(c)]
+        torch.testing.assert_close(h[r, :len(c)], ref, atol=1e-5, rtol=1e-5)
+        w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(r))
+        loss_shared = loss_shared + (h[r, :len(c)] * w).sum()
+        loss_alone = loss_alone + (ref * w).sum()
+    loss_shared.backward()
+    loss_alone.backward()
+    for (name, a), (_, b) in zip(shared.named_parameters(), alone.named_parameters()):
+        if b.grad is None:  # the untied lm_head: hidden states do not reach it
+            assert a.grad is None, name
+            continue
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5 * float(b.grad.abs().max()), rtol=1e-4, msg=name)
+
+
 def test_training_after_generation_on_the_same_model():
     """Guards against tensors cached during generate (under inference_mode: RoPE tables) being
     inference tensors, which a later training forward cannot save for backward."""
