@@ -208,7 +208,7 @@ def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from
 # ----------------------------------------------------------------------------- the run
 def run(cfg, given: set[str]) -> Path:
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
     from actors.rollout import prompt_ids
     from learner.broadcast import CollectiveSync, ObjectStoreSync
@@ -300,13 +300,39 @@ def run(cfg, given: set[str]) -> Path:
         log(f"step 0: held-out greedy success {e0:.3f} ({len(task.test)} prompts)")
 
     step, dispatch_step = start_step, start_step
+    # Learner steps queued on the actor, oldest first: (buffer take, train_step). With k >= 1 the next
+    # step is queued while one trains, so the learner goes straight on when its groups are ready
+    # instead of waiting for a round trip through this loop.
+    steps_q: collections.deque = collections.deque()
+    depth = 2 if k >= 1 and sync.mode != "collective" else 1
+
+    def queue_steps(unsaved: int | None = None):
+        while len(steps_q) < depth and step + len(steps_q) < cfg.steps:
+            n = step + len(steps_q)  # steps done or queued before this one
+            if (steps_q or n == unsaved) and cfg.save_every and n % cfg.save_every == 0:
+                break  # the checkpoint after step n is still to be written and must not include this step
+            take = buffer.take.remote(B, max(0, n - k), cfg.sync_timeout, ticket=n)
+            steps_q.append((take, learner.train_step.remote(take)))
+
+    def finish_queued():
+        """Stop: a queued step whose groups are taken finishes and counts; one still waiting is cancelled."""
+        nonlocal step
+        for take, _ in reversed(steps_q):
+            ray.cancel(take)
+        for _, ref in steps_q:
+            try:
+                metrics, _ = ray.get(ref, timeout=cfg.sync_timeout)
+            except (RayError, GetTimeoutError):
+                continue
+            step += 1
+            metrics_log.write({**metrics, "step": step, "wall_time": time.perf_counter() - t_run})
+        steps_q.clear()
     queue: collections.deque = collections.deque()
     in_flight: dict = {}
     started: dict = {}  # rollout ref -> dispatch time, to spot stalled workers
     stalled: set = set()
     last_progress = time.perf_counter()
     idle = list(range(W))
-    step_ref = None
     window = {"gen": 0.0, "sync": 0.0, "tokens": 0, "t0": time.perf_counter()}
     chunk = cfg.rollout_batch or math.ceil(B / W)
     last_metrics = {}
@@ -328,11 +354,9 @@ def run(cfg, given: set[str]) -> Path:
                 r = workers[w].rollout.remote(work, sync.ref_for(weights), version)
                 in_flight[r], started[r] = (w, work), time.perf_counter()
             # 2. The learner's next step waits (inside the buffer, not here) for B fresh groups.
-            if step_ref is None:
-                take = buffer.take.remote(B, max(0, step - k), cfg.sync_timeout)
-                step_ref = learner.train_step.remote(take)
+            queue_steps()
             waiting_retry = bool(queue) and any(retry_at[i] > now for i in idle)
-            ready, _ = ray.wait(list(in_flight) + [step_ref], num_returns=1,
+            ready, _ = ray.wait(list(in_flight) + [steps_q[0][1]], num_returns=1,
                                 timeout=0.25 if waiting_retry else min(5.0, cfg.sync_timeout))
             if not ready:
                 now = time.perf_counter()
@@ -377,10 +401,12 @@ def run(cfg, given: set[str]) -> Path:
                 idle.append(w)
                 continue
             # The learner finished a step.
+            steps_q.popleft()
             metrics, weights = get(ref, cfg.sync_timeout, f"learner step {step + 1}")
-            step_ref = None
             step += 1
             version = metrics["version"]
+            if sync.mode != "collective":  # (a broadcast needs the learner free: it queues after that)
+                queue_steps(unsaved=step)  # before the bookkeeping below, so the learner does not wait on it
             if sync.mode == "collective":
                 # A worker busy generating cannot receive: let in-flight calls finish, then broadcast.
                 for r in list(in_flight):
@@ -428,6 +454,7 @@ def run(cfg, given: set[str]) -> Path:
         # Keep what was learned: checkpoint the learner if it still answers, then re-raise.
         log(f"run failed at step {step} ({type(e).__name__}); trying to checkpoint before exiting")
         try:
+            finish_queued()
             log(f"checkpoint: {save(step)}")
         except Exception as e2:  # noqa: BLE001 - best effort; the original error is what matters
             log(f"could not checkpoint: {type(e2).__name__}: {e2}")
@@ -438,8 +465,7 @@ def run(cfg, given: set[str]) -> Path:
             ray.get(r, timeout=cfg.sync_timeout)
         except (RayActorError, GetTimeoutError):
             pass
-    if step_ref is not None:
-        ray.cancel(step_ref, force=False)
+    finish_queued()
     ckpt_path = save(step)
     get(buffer.flush.remote(), cfg.sync_timeout, "the episode buffer to flush its log")
     bstats = get(buffer.stats.remote(), cfg.sync_timeout, "the episode buffer's stats")

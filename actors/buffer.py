@@ -33,6 +33,7 @@ class EpisodeBuffer:
         self.dropped_work: list[tuple[int, int, int]] = []  # (group_id, step, example_index) of dropped groups
         self.part = c.get("log_parts", 0)
         self._changed: asyncio.Condition | None = None
+        self.tickets: set[int] = set()  # tickets of waiting takes
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -62,27 +63,37 @@ class EpisodeBuffer:
             self.flush()
         return len(self.groups)
 
-    async def take(self, n_groups: int, min_version: int = 0, timeout: float | None = None) -> pa.Table:
+    async def take(self, n_groups: int, min_version: int = 0, timeout: float | None = None,
+                   ticket: int | None = None) -> pa.Table:
         """Remove and return n groups with policy_version >= min_version, oldest version first.
 
         Oldest-first matters with k >= 1: workers finish out of order, and taking newer groups
         first would leave older ones to go stale at the next step. Groups older than min_version
         are dropped and counted (min_version only grows, so they could never be used); their work
-        items are kept for the driver to re-issue (`pop_dropped`).
+        items are kept for the driver to re-issue (`pop_dropped`). Waiting takes with tickets (the
+        learner's step numbers, when steps are queued ahead) are served lowest ticket first, so a
+        later step can neither take an earlier step's groups nor drop ones still fresh for it.
         """
         cond = self._cond()
 
         def ready():
+            if ticket is not None and ticket != min(self.tickets):
+                return False
             fresh = [g for g in self.groups if g.column("policy_version")[0].as_py() >= min_version]
             return len(fresh) >= n_groups
 
         async with cond:
+            if ticket is not None:
+                self.tickets.add(ticket)
             try:
                 await asyncio.wait_for(cond.wait_for(ready), timeout)
             except asyncio.TimeoutError:
                 raise TimeoutError(f"EpisodeBuffer.take: waited {timeout:.0f}s for {n_groups} groups with "
                                    f"version >= {min_version}, have {len(self.groups)} in buffer; are the "
                                    "rollout workers alive?") from None
+            finally:
+                self.tickets.discard(ticket)
+                cond.notify_all()  # the next ticket may go now, whether this take succeeds, times out or is cancelled
             versions = [g.column("policy_version")[0].as_py() for g in self.groups]
             out, keep = [], collections.deque()
             chosen = set(sorted((i for i, v in enumerate(versions) if v >= min_version),

@@ -209,3 +209,29 @@ def test_non_finite_gradient_skips_step_and_leaves_weights(tmp_path):
     m, _ = core.train_step(table(-1.0))
     assert m["skipped_step"] == 0.0 and m["skipped_in_a_row"] == 0
     assert digest(core.model) != before
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_with_a_consistent_checkpoint(tmp_path):
+    """Guards against Ctrl-C losing work or leaving a checkpoint that disagrees with the run: with
+    k = 1 the next learner step is queued while one trains, so an interrupt must let a step whose
+    groups were already taken finish and count it, and cancel one still waiting for groups."""
+    run_dir = tmp_path / "run"
+    flags = dict(zip(COMMON[::2], COMMON[1::2]), **{"--steps": "400", "--max-staleness": "1", "--save-every": "3"})
+    p = start(["--out", str(run_dir), *[x for kv in flags.items() for x in kv]], tmp_path)
+    try:
+        wait_for(lambda: len(step_rows(run_dir)) >= 7 or p.poll() is not None, 300, "7 logged steps")
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=300)
+    finally:
+        kill_session(p)
+    assert p.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == f"run dir: {run_dir}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["interrupted"] is True and 7 <= summary["steps"] < 400
+    ckpt = latest_run_checkpoint(run_dir)
+    state = json.loads((ckpt / "state.json").read_text())
+    # The checkpoint is named for the steps the learner has taken, and every one of them is logged.
+    assert ckpt.name == f"step-{summary['steps']:06d}" and state["step"] == state["version"] == summary["steps"]
+    assert [int(r["step"]) for r in step_rows(run_dir)] == list(range(1, summary["steps"] + 1))
+    assert summary["produced"] == summary["consumed"] + summary["dropped"] + summary["in_buffer"]
