@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from nanogrpo.episode import SCHEMA
+from nanogrpo.episode import SCHEMA, split_groups
 
 
 @ray.remote(num_cpus=0)
@@ -44,10 +44,12 @@ class EpisodeBuffer:
         return self._changed
 
     async def put(self, batches: list[pa.RecordBatch], timeout: float | None = None) -> int:
-        """Append groups (one RecordBatch each); waits while the buffer is full. -> groups held."""
+        """Append the whole groups in `batches` (each batch holds one or more groups, each group's
+        rows together); waits while the buffer is full. -> groups held."""
         for b in batches:
             if not b.schema.equals(SCHEMA):
                 raise ValueError(f"episode batch does not match the declared schema:\n{b.schema}")
+        batches = [g for b in batches for g in split_groups(b)]  # stored one zero-copy slice per group
         cond = self._cond()
         async with cond:
             try:

@@ -3,7 +3,7 @@
 It holds a policy copy and the generation engine. Each `rollout` call names the weights version
 to use (a packed ObjectRef from the learner); the worker loads it only when it is newer than what
 it holds, so weights move once per version, between generation batches. Finished groups go
-straight to the EpisodeBuffer as Arrow RecordBatches; the driver only sees small stats.
+straight to the EpisodeBuffer, one Arrow RecordBatch per call; the driver only sees small stats.
 """
 from __future__ import annotations
 
@@ -93,9 +93,8 @@ class RolloutWorker:
                         top_p=self.sampling["top_p"], stop_token_ids=self.stops, seed=seed)
         gen_s = time.perf_counter() - t0
         now = time.time()
-        batches, n_tokens = [], 0
+        rows, n_tokens = [], 0
         for j, (gid, step, idx) in enumerate(work):
-            rows = []
             for c in outs[j * G:(j + 1) * G]:
                 text = self.task.response_prefix + self.tok.decode(c.token_ids, skip_special_tokens=True)
                 r = self.task.score(text, examples[j])
@@ -106,8 +105,7 @@ class RolloutWorker:
                              "policy_version": self.version, "worker_id": self.worker_id,
                              "gen_seconds": gen_s, "created_at": now})
                 n_tokens += len(c.token_ids)
-            batches.append(group_batch(rows))
-        ray.get(self.buffer.put.remote(batches, timeout=self.put_timeout))
+        ray.get(self.buffer.put.remote([group_batch(rows)], timeout=self.put_timeout))  # one batch, whole groups
         return {"worker_id": self.worker_id, "pid": os.getpid(), "groups": len(work), "tokens": n_tokens, "gen_seconds": gen_s,
                 "sync_seconds": sync_s, "version": self.version}
 

@@ -6,6 +6,7 @@ and the policy version that produced it (to bound staleness and to check weight 
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -30,8 +31,17 @@ SCHEMA = pa.schema([
 
 
 def group_batch(rows: list[dict]) -> pa.RecordBatch:
-    """Rows (dicts with SCHEMA's keys) of one group -> a RecordBatch, validated against SCHEMA."""
+    """Rows (dicts with SCHEMA's keys) of one or more whole groups, each group's rows together ->
+    a RecordBatch, validated against SCHEMA. One batch per rollout call is much cheaper to send than
+    one per group (a RecordBatch pickles its schema and every buffer separately)."""
     return pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
+
+
+def split_groups(batch: pa.RecordBatch) -> list[pa.RecordBatch]:
+    """A batch of whole groups -> one zero-copy slice per group (a new group starts where group_id changes)."""
+    gid = batch.column("group_id").to_numpy()
+    starts = [0, *(np.flatnonzero(gid[1:] != gid[:-1]) + 1).tolist(), len(gid)]
+    return [batch.slice(a, b - a) for a, b in zip(starts[:-1], starts[1:]) if b > a]
 
 
 def group_sizes(table: pa.Table) -> list[int]:

@@ -202,3 +202,17 @@ def test_buffer_serves_queued_takes_in_ticket_order(local_ray):
         ray.get(stuck, timeout=10)
     ray.get(buf.put.remote([make_group(22, 2)]))
     assert ray.get(after, timeout=10).column("group_id").to_pylist() == [22, 22]
+
+
+def test_buffer_splits_a_batch_of_several_groups(local_ray):
+    """Guards against a worker's one-batch-per-call put being stored (and counted, and taken) as one
+    group: every group in it must be its own unit."""
+    import pyarrow as pa
+    buf = EpisodeBuffer.remote(16)
+    several = pa.Table.from_batches([make_group(30, 1), make_group(31, 0, G=3), make_group(32, 1)])
+    assert ray.get(buf.put.remote(several.combine_chunks().to_batches())) == 3
+    t = ray.get(buf.take.remote(1, 0, 5.0))  # the oldest version first: group 31, all 3 rows
+    assert t.column("group_id").to_pylist() == [31, 31, 31]
+    t = ray.get(buf.take.remote(2, 1, 5.0))
+    assert t.column("group_id").to_pylist() == [30, 30, 32, 32]
+    assert ray.get(buf.stats.remote())["produced"] == 3
