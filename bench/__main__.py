@@ -46,7 +46,7 @@ BENCH = ROOT / "bench"
 SUBS = {
     "generate": ("bench.generate", "results_generate.json", (360, 900)),
     "learner": ("bench.learner", "results_learner.json", (300, 900)),
-    "scaling": ("bench.scaling", "results_scaling.json", (360, 900)),
+    "scaling": ("bench.scaling", "results_scaling.json", (480, 1200)),
 }
 E2E_LIMIT_S = 1800
 KILL_GRACE_S = 60  # after a time limit's SIGINT, before SIGKILL

@@ -4,7 +4,8 @@
     python -m bench.scaling --quick
 
 Every figure is a ratio measured in this run against a peer or a limit measured in this run:
-  * rollout tokens/s with 2 workers vs 1 worker (1 torch thread each), same workload;
+  * rollout tokens/s with 2 workers vs 1 worker (1 torch thread each), same workload, alternating
+    rounds (median of the per-round ratios);
   * time to publish (pack + one ray.put) and load one Qwen2.5-0.5B-sized weight version on 1, 2
     and 4 workers vs one local memcpy of the same bytes;
   * steps/min and learner idle fraction of the full driver with k = 1 vs k = 0, with the learner and
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -41,36 +43,49 @@ def empty_model(cfg: dict, dtype) -> Qwen2:
 
 
 # ----------------------------------------------------------------------------- rollout scaling
-def rollout_scaling(model_dir: str, seconds: float) -> dict:
+def rollout_scaling(model_dir: str, rounds: int, window: float) -> dict:
+    """Rollout tokens/s of 1 worker and of 2 workers (1 thread each), alternating in `rounds` rounds
+    of `window` seconds each on the same two actors (worker 1 sits idle in the 1-worker windows).
+    Alternating spreads slow drifts of the machine's speed over both sides; the figure is the
+    median of the per-round ratios."""
     from actors.buffer import EpisodeBuffer
     from actors.rollout import RolloutWorker
     from nanogrpo.tasks import load_task
 
     n_train = len(load_task("arithmetic").train)
     sampling = {"group_size": 8, "max_new_tokens": 16, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    out = {}
-    for n in (1, 2):
-        buf = EpisodeBuffer.options(max_concurrency=100).remote(10**6)
-        ws = [RolloutWorker.remote(i, model_dir, "arithmetic", None, 0, 1, sampling, buf) for i in range(n)]
-        ray.get([w.ready.remote() for w in ws])
-        weights = [ray.put(pack(Qwen2.from_pretrained(model_dir), 0))]
-        work = lambda k: [(k * 16 + j, 0, (k * 16 + j) % n_train) for j in range(16)]  # noqa: E731
-        ray.get([w.rollout.remote(work(i), weights, 0) for i, w in enumerate(ws)])  # warm-up + weight load
-        k, tokens, t0 = 0, 0, time.perf_counter()
-        pending = {w.rollout.remote(work(k + i), weights, 0): w for i, w in enumerate(ws)}
-        k += n
-        while time.perf_counter() - t0 < seconds:
+    buf = EpisodeBuffer.options(max_concurrency=100).remote(10**6)
+    ws = [RolloutWorker.remote(i, model_dir, "arithmetic", None, 0, 1, sampling, buf) for i in range(2)]
+    ray.get([w.ready.remote() for w in ws])
+    weights = [ray.put(pack(Qwen2.from_pretrained(model_dir), 0))]
+    calls = iter(range(10**9))
+
+    def work():  # 16 prompts per call, as the default run's 32 prompts per step over 2 workers
+        k = next(calls)
+        return [(k * 16 + j, 0, (k * 16 + j) % n_train) for j in range(16)]
+
+    def measure(n: int) -> float:
+        tokens, t0 = 0, time.perf_counter()
+        pending = {w.rollout.remote(work(), weights, 0): w for w in ws[:n]}
+        while time.perf_counter() - t0 < window:
             [done], _ = ray.wait(list(pending), num_returns=1)
             w = pending.pop(done)
             tokens += ray.get(done)["tokens"]
-            pending[w.rollout.remote(work(k), weights, 0)] = w
-            k += 1
-        for r in pending:
-            tokens += ray.get(r)["tokens"]
-        out[n] = tokens / (time.perf_counter() - t0)
-        for a in ws + [buf]:
-            ray.kill(a)
-    return {"tokens_per_s_1_worker": out[1], "tokens_per_s_2_workers": out[2], "scaling_1_to_2": out[2] / out[1]}
+            pending[w.rollout.remote(work(), weights, 0)] = w
+        tokens += sum(ray.get(r)["tokens"] for r in pending)
+        return tokens / (time.perf_counter() - t0)
+
+    ray.get([w.rollout.remote(work(), weights, 0) for w in ws])  # warm-up + weight load
+    one, two = [], []
+    for _ in range(rounds):
+        one.append(measure(1))
+        two.append(measure(2))
+    for a in ws + [buf]:
+        ray.kill(a)
+    ratios = [b / a for a, b in zip(one, two)]
+    return {"tokens_per_s_1_worker": statistics.median(one), "tokens_per_s_2_workers": statistics.median(two),
+            "scaling_1_to_2": statistics.median(ratios), "scaling_per_round": ratios,
+            "rounds": rounds, "window_s": window}
 
 
 # ----------------------------------------------------------------------------- weight sync
@@ -119,36 +134,44 @@ def _timed(fn) -> float:
 
 
 # ----------------------------------------------------------------------------- async vs sync
-def async_vs_sync(steps: int) -> dict:
+def async_vs_sync(steps: int, pairs: int) -> dict:
     """k = 1 vs k = 0 steps/min of the full driver, in two layouts:
     * "disjoint": 1 rollout worker and the learner, one thread each, so each has a core of its own
       as rollout GPUs and the learner GPU do on a cluster. This measures the pipelining itself;
     * "shared": the default run (2 workers + learner on 2 cores). Every thread already competes
-      for the same two cores, so overlap can only fill the core the learner leaves idle."""
+      for the same two cores, so overlap can only fill the core the learner leaves idle.
+    The disjoint layout (the one with a target) runs `pairs` back-to-back (k = 0, k = 1) pairs, the
+    shared one half as many; the speed-up is the median of the per-pair ratios, so a slow spell of
+    the machine lands on both sides of a ratio."""
     import csv
 
     import launch
     from nanogrpo.runconfig import RunConfig
 
+    def one_run(k: int, extra: dict) -> tuple[float, float]:
+        with tempfile.TemporaryDirectory() as d:
+            cfg = RunConfig(steps=steps, sft_steps=0, eval_every=0, save_every=0, max_staleness=k, num_test=8,
+                            quiet=True, out=str(Path(d) / "run"), **extra)
+            run_dir = launch.run(cfg, set())
+            rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["reward_mean"]]
+        # Steady state: skip the first steps (actor warm-up) and time the rest from the CSV.
+        tail = rows[steps // 5:]
+        span = float(tail[-1]["wall_time"]) - float(rows[steps // 5 - 1]["wall_time"])
+        return 60 * len(tail) / span, sum(float(r["learner_idle_s"]) for r in tail) / span
+
     layouts = {"disjoint": dict(num_rollout_workers=1, threads_per_worker=1, learner_threads=1), "shared": {}}
     res = {}
     for name, extra in layouts.items():
+        runs = {0: [], 1: []}
+        for _ in range(pairs if name == "disjoint" else max(1, pairs // 2)):
+            for k in (0, 1):
+                runs[k].append(one_run(k, extra))
         for k in (0, 1):
-            with tempfile.TemporaryDirectory() as d:
-                cfg = RunConfig(steps=steps, sft_steps=0, eval_every=0, save_every=0, max_staleness=k, num_test=8,
-                                quiet=True, out=str(Path(d) / "run"), **extra)
-                t0 = time.perf_counter()
-                run_dir = launch.run(cfg, set())
-                wall = time.perf_counter() - t0
-                rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["reward_mean"]]
-                # Steady state: skip the first steps (actor warm-up) and time the rest from the CSV.
-                tail = rows[steps // 5:]
-                span = float(tail[-1]["wall_time"]) - float(rows[steps // 5 - 1]["wall_time"])
-                idle = sum(float(r["learner_idle_s"]) for r in tail)
-                res[f"{name}_k{k}_steps_per_min"] = 60 * len(tail) / span
-                res[f"{name}_k{k}_learner_idle_frac"] = idle / span
-                res[f"{name}_k{k}_wall_s"] = wall
-        res[f"{name}_async_speedup"] = res[f"{name}_k1_steps_per_min"] / res[f"{name}_k0_steps_per_min"]
+            res[f"{name}_k{k}_steps_per_min"] = statistics.median(r[0] for r in runs[k])
+            res[f"{name}_k{k}_learner_idle_frac"] = statistics.median(r[1] for r in runs[k])
+        ratios = [b[0] / a[0] for a, b in zip(runs[0], runs[1])]
+        res[f"{name}_pair_speedups"] = ratios
+        res[f"{name}_async_speedup"] = statistics.median(ratios)
         # Perfect overlap hides the shorter of generation and training: with k = 0 the learner waits
         # for data a fraction f of the time, so k = 1 can be at most 1 / (1 - f) faster (when training
         # is the longer part, as here) or 1 / f (when generation is).
@@ -169,17 +192,18 @@ def main():
         Qwen2.from_config(TINY_MODEL_CONFIG, seed=0).save_pretrained(model_dir)
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         try:
-            roll = rollout_scaling(model_dir, 6 if args.quick else 20)
+            roll = rollout_scaling(model_dir, 6 if args.quick else 10, 1.5 if args.quick else 2.5)
             sync = weight_sync(QWEN05, 2 if args.quick else 4)
         finally:
             ray.shutdown()
-    asyn = async_vs_sync(30 if args.quick else 80)
+    asyn = async_vs_sync(30 if args.quick else 80, 3 if args.quick else 4)
     results = {"machine": machine, "rollout": roll, "weight_sync": sync, "async": asyn}
     Path(__file__).with_name("results_scaling.json").write_text(json.dumps(results, indent=2))
     rows = [
         ("rollout tokens/s, 1 worker", f"{roll['tokens_per_s_1_worker']:.0f}", ""),
         ("rollout tokens/s, 2 workers", f"{roll['tokens_per_s_2_workers']:.0f}",
-         f"{roll['scaling_1_to_2']:.2f}x of 1 worker (target >= 1.8x)"),
+         f"{roll['scaling_1_to_2']:.2f}x of 1 worker (target >= 1.8x; median of {roll['rounds']} rounds, "
+         f"{min(roll['scaling_per_round']):.2f}-{max(roll['scaling_per_round']):.2f})"),
         ("one local memcpy of 0.5B bf16 state", f"{sync['memcpy_s'] * 1e3:.0f} ms", f"{sync['memcpy_GBps']:.1f} GB/s"),
     ] + [(f"publish+load 0.5B, {n} worker(s)", f"{sync[f'publish_load_s_{n}_workers'] * 1e3:.0f} ms",
           f"{sync[f'vs_memcpy_{n}_workers']:.2f}x memcpy (target <= 2x, flat)") for n in (1, 2, 4)]
@@ -189,6 +213,8 @@ def main():
              f"learner idle {asyn[f'{name}_k0_learner_idle_frac']:.0%}"),
             (f"steps/min k=1, {what}", f"{asyn[f'{name}_k1_steps_per_min']:.0f}",
              f"{asyn[f'{name}_async_speedup']:.2f}x of k=0" + (" (target >= 1.5x)" if name == "disjoint" else "")
+             + f", median of {len(asyn[f'{name}_pair_speedups'])} pairs "
+             + f"{min(asyn[f'{name}_pair_speedups']):.2f}-{max(asyn[f'{name}_pair_speedups']):.2f}"
              + f", overlap bound {asyn[f'{name}_overlap_bound']:.2f}x"
              + f", learner idle {asyn[f'{name}_k1_learner_idle_frac']:.0%}"),
         ]
