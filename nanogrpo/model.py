@@ -35,10 +35,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # Normalise in fp32 and cast back before the weight multiply, as the reference does;
         # doing the multiply in fp32 changes bf16 logits by a few ulps.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
