@@ -61,7 +61,9 @@ class RunConfig:
     threads_per_worker: int = opt(1, "torch CPU threads per rollout worker (keeps workers from oversubscribing cores)")
     learner_threads: int = opt(0, "torch CPU threads for the learner (0 = the cores its node's rollout workers "
                                "leave free, or all of them when that is fewer than 2)")
-    max_staleness: int = opt(1, "k: consume groups made by a policy at most k versions old (0 = synchronous)")
+    max_staleness: int = opt(1, "k: consume groups made by a policy at most k versions old (0 = synchronous). "
+                             "k >= 1 overlaps generation with training, which pays off when the learner has a GPU "
+                             "or cores of its own; where workers and learner share a few CPU cores, 0 is as fast")
     rollout_batch: int = opt(0, "prompts per rollout call (0 = prompts_per_step / num_rollout_workers)")
     buffer_capacity: int = opt(0, "episode buffer capacity in groups (0 = 4 x prompts_per_step)")
     weight_sync: str = opt("object-store", "how weights reach workers: object-store (ray.put) | collective "
