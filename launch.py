@@ -405,9 +405,9 @@ def run(cfg, given: set[str]) -> Path:
             metrics, weights = get(ref, cfg.sync_timeout, f"learner step {step + 1}")
             step += 1
             version = metrics["version"]
-            if sync.mode != "collective":  # (a broadcast needs the learner free: it queues after that)
+            if sync.mode != "collective":
                 queue_steps(unsaved=step)  # before the bookkeeping below, so the learner does not wait on it
-            if sync.mode == "collective":
+            else:  # (the broadcast needs the learner free, so the next step is queued after it)
                 # A worker busy generating cannot receive: let in-flight calls finish, then broadcast.
                 for r in list(in_flight):
                     w, _ = in_flight.pop(r)

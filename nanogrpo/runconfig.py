@@ -48,7 +48,8 @@ class RunConfig:
     entropy_coef: float = opt(0.0, "entropy bonus coefficient (0 = report entropy only)")
     tis_cap: float = opt(2.0, "stale episodes (k >= 1) use decoupled PPO: ratio to the pre-step learner, times the "
                          "sampler importance weight truncated at this cap (0 = plain ratio to the sampler)")
-    micro_batch_tokens: int = opt(16384, "token budget of one learner micro-batch (rows x padded length)")
+    micro_batch_tokens: int = opt(16384, "token budget of one learner micro-batch of whole groups (groups x padded prompt "
+                                 "length + rows x padded completion length: each prompt runs once per group)")
     grad_checkpointing: bool = opt(False, "recompute activations layer by layer in backward (saves memory)")
     sft_steps: int = opt(-1, "supervised warm-start steps before GRPO on each example's 'warm_start' text, else its "
                          "'solution' (the built-in arithmetic task's warm start teaches the answer format only; "
