@@ -73,8 +73,9 @@ class EpisodeBuffer:
         first would leave older ones to go stale at the next step. Groups older than min_version
         are dropped and counted (min_version only grows, so they could never be used); their work
         items are kept for the driver to re-issue (`pop_dropped`). Waiting takes with tickets (the
-        learner's step numbers, when steps are queued ahead) are served lowest ticket first, so a
-        later step can neither take an earlier step's groups nor drop ones still fresh for it.
+        learner's step numbers, when steps are queued ahead; the driver submits them in step order)
+        are served lowest ticket first, so a later step can neither take an earlier step's groups
+        nor drop ones still fresh for it.
         """
         cond = self._cond()
 

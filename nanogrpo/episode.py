@@ -37,23 +37,24 @@ def group_batch(rows: list[dict]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
 
 
+def group_starts(group_ids) -> list[int]:
+    """Row offsets where each group starts, plus the row count at the end (groups are stored
+    contiguously: a new group starts where group_id changes)."""
+    gid = np.asarray(group_ids)
+    if len(gid) == 0:
+        return [0]
+    return [0, *(np.flatnonzero(gid[1:] != gid[:-1]) + 1).tolist(), len(gid)]
+
+
 def split_groups(batch: pa.RecordBatch) -> list[pa.RecordBatch]:
-    """A batch of whole groups -> one zero-copy slice per group (a new group starts where group_id changes)."""
-    gid = batch.column("group_id").to_numpy()
-    starts = [0, *(np.flatnonzero(gid[1:] != gid[:-1]) + 1).tolist(), len(gid)]
-    return [batch.slice(a, b - a) for a, b in zip(starts[:-1], starts[1:]) if b > a]
+    """A batch of whole groups -> one zero-copy slice per group."""
+    starts = group_starts(batch.column("group_id").to_numpy())
+    return [batch.slice(a, b - a) for a, b in zip(starts[:-1], starts[1:])]
 
 
 def group_sizes(table: pa.Table) -> list[int]:
-    """Rows per group, in table order (groups are stored contiguously)."""
-    gid = table.column("group_id").to_pylist()
-    sizes, prev = [], None
-    for g in gid:
-        if g != prev:
-            sizes.append(0)
-            prev = g
-        sizes[-1] += 1
-    return sizes
+    """Rows per group, in table order."""
+    return np.diff(group_starts(table.column("group_id").to_numpy())).tolist()
 
 
 def to_tensors(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -95,12 +96,10 @@ def group_tensors(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
     prompts = table.column("prompt_ids").to_pylist()
     comps = table.column("completion_ids").to_pylist()
     logps = table.column("logprobs").to_pylist()
-    gids = table.column("group_id").to_pylist()
-    index, group_prompts = [], []
-    for i, g in enumerate(gids):
-        if i == 0 or g != gids[i - 1]:
-            group_prompts.append(prompts[i])
-        index.append(len(group_prompts) - 1)
+    gids = table.column("group_id").to_numpy()
+    starts = group_starts(gids)
+    group_prompts = [prompts[a] for a in starts[:-1]]
+    index = np.repeat(np.arange(len(group_prompts)), np.diff(starts)).tolist()
     for i, p in enumerate(index):
         if prompts[i] != group_prompts[p]:
             raise ValueError(f"group {gids[i]}: rows carry different prompts; a group shares one prompt")

@@ -181,18 +181,21 @@ def test_buffer_takes_oldest_version_first_and_reports_dropped(local_ray):
 
 
 def test_buffer_serves_queued_takes_in_ticket_order(local_ray):
-    """Guards against a learner step queued ahead (k >= 1) taking the groups of the step before it,
-    or dropping groups that are still fresh for that step, and against a cancelled take blocking
-    the ones after it."""
+    """Guards against a learner step queued ahead (k >= 1) being served before the step before it
+    (taking its groups, or dropping ones still fresh for it), and against a cancelled take blocking
+    the ones after it. The driver submits takes in step order, as here."""
     buf = EpisodeBuffer.remote(16)
-    later = buf.take.remote(1, 1, 10.0, ticket=6)  # step 7 wants version >= 1
+    earlier = buf.take.remote(2, 0, 10.0, ticket=5)  # step 6 wants 2 groups of version >= 0
     time.sleep(0.3)
-    earlier = buf.take.remote(1, 0, 10.0, ticket=5)  # step 6 wants version >= 0, and comes first
+    later = buf.take.remote(1, 1, 10.0, ticket=6)  # step 7 wants 1 group of version >= 1
     time.sleep(0.3)
-    # Both takes could be served by these groups; ticket 6 first would drop the v0 group step 6 needs.
-    ray.get(buf.put.remote([make_group(20, 0), make_group(21, 1)]))
-    assert ray.get(earlier, timeout=10).column("group_id").to_pylist() == [20, 20]
-    assert ray.get(later, timeout=10).column("group_id").to_pylist() == [21, 21]
+    ray.get(buf.put.remote([make_group(20, 1)]))
+    # Enough for the later take alone, but ticket 5 is still waiting: the group must stay for it.
+    assert ray.wait([later], timeout=0.5)[0] == []
+    ray.get(buf.put.remote([make_group(21, 0)]))
+    assert sorted(set(ray.get(earlier, timeout=10).column("group_id").to_pylist())) == [20, 21]
+    ray.get(buf.put.remote([make_group(22, 1)]))
+    assert ray.get(later, timeout=10).column("group_id").to_pylist() == [22, 22]
     assert ray.get(buf.stats.remote())["dropped"] == 0
     stuck = buf.take.remote(1, 0, 10.0, ticket=7)
     after = buf.take.remote(1, 0, 10.0, ticket=8)
@@ -200,8 +203,8 @@ def test_buffer_serves_queued_takes_in_ticket_order(local_ray):
     ray.cancel(stuck)
     with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
         ray.get(stuck, timeout=10)
-    ray.get(buf.put.remote([make_group(22, 2)]))
-    assert ray.get(after, timeout=10).column("group_id").to_pylist() == [22, 22]
+    ray.get(buf.put.remote([make_group(23, 2)]))
+    assert ray.get(after, timeout=10).column("group_id").to_pylist() == [23, 23]
 
 
 def test_buffer_splits_a_batch_of_several_groups(local_ray):
