@@ -7,7 +7,6 @@ summary. `python launch.py plot RUN_DIR` redraws a run's plots.
 from __future__ import annotations
 
 import collections
-import csv
 import functools
 import json
 import math
@@ -21,14 +20,6 @@ from pathlib import Path
 RESUMABLE_OVERRIDES = {"steps", "eval_every", "save_every", "keep_last", "quiet", "address", "sync_timeout",
                        "num_rollout_workers", "threads_per_worker", "learner_threads", "resume"}
 REISSUE_OFFSET = 10**12  # added to a group id that is generated again, so ids stay unique
-CSV_COLUMNS = [
-    "step", "reward_mean", "reward_std", "success_rate", "format_rate", "eval_success", "loss", "pg_loss", "kl",
-    "entropy", "grad_norm", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "adv_mean", "adv_std",
-    "response_len", "staleness_mean", "staleness_max", "logprob_gap", "logprob_gap_onpolicy", "zero_var_frac",
-    "skipped_step", "lr", "tokens_per_s", "time_step", "time_generate", "time_train", "time_sync",
-    "learner_idle_s", "buffer_produced", "buffer_consumed", "buffer_dropped", "buffer_in", "worker_restarts",
-    "wall_time",
-]
 
 
 def log(msg: str):
@@ -119,40 +110,6 @@ def check_reachable(address: str, timeout: float = 5.0):
         raise ConnectionError(f"--address: cannot connect to a Ray cluster at {address!r}: {e}") from None
 
 
-# ----------------------------------------------------------------------------- metrics
-class MetricsLog:
-    def __init__(self, run_dir: Path, resume_step: int | None):
-        self.path = run_dir / "metrics.csv"
-        if resume_step is not None and self.path.is_file():
-            # Rows after the checkpoint were produced by the crashed tail of the run: drop them.
-            rows = [r for r in csv.DictReader(self.path.open()) if int(r["step"]) <= resume_step]
-            self._write_all(rows)
-        elif not self.path.is_file():
-            self._write_all([])
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:
-            pass  # TensorBoard is optional
-
-    def _write_all(self, rows):
-        with self.path.open("w", newline="") as f:
-            w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-
-    def write(self, row: dict):
-        clean = {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()}
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore").writerow(clean)
-        if self.tb:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not math.isnan(v):
-                    self.tb.add_scalar(k, v, row["step"])
-            self.tb.flush()
-
-
 # ----------------------------------------------------------------------------- Ray placement
 def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from: str | None):
     import ray
@@ -213,6 +170,7 @@ def run(cfg, given: set[str]) -> Path:
     from actors.rollout import prompt_ids
     from learner.broadcast import CollectiveSync, ObjectStoreSync
     from nanogrpo.checkpoint import latest_run_checkpoint
+    from nanogrpo.metrics import MetricsLog
     from nanogrpo.tasks import load_task
     from nanogrpo.tokenizer import Tokenizer
 

@@ -15,6 +15,7 @@ Writes bench/results_scaling.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -58,7 +59,7 @@ def rollout_scaling(model_dir: str, rounds: int, window: float) -> dict:
     ws = [RolloutWorker.remote(i, model_dir, "arithmetic", None, 0, 1, sampling, buf) for i in range(2)]
     ray.get([w.ready.remote() for w in ws])
     weights = [ray.put(pack(Qwen2.from_pretrained(model_dir), 0))]
-    calls = iter(range(10**9))
+    calls = itertools.count()
 
     def work():  # 16 prompts per call, as the default run's 32 prompts per step over 2 workers
         k = next(calls)

@@ -22,7 +22,7 @@ import torch
 
 from learner.broadcast import free_port
 from nanogrpo.checkpoint import load_run_state, local_model_dir, save_run_checkpoint
-from nanogrpo.episode import group_sizes, group_tensors
+from nanogrpo.episode import group_tensors
 from nanogrpo.grpo import group_advantages, grpo_loss, token_logprobs
 from nanogrpo.model import Qwen2
 from nanogrpo.optim import CPUOffloadAdamW, clip_grad_norm_, param_groups
@@ -134,10 +134,10 @@ class LearnerCore:
         idle = 0.0 if self.last_end is None else t_start - self.last_end
         cfg, G = self.cfg, self.cfg.group_size
         table = table.sort_by("group_id")  # arrival order must not change the result
-        sizes = group_sizes(table)
+        batch = group_tensors(table, pad_id=0)
+        sizes = torch.bincount(batch["index"]).tolist()  # rows per group
         if any(s != G for s in sizes):
             raise ValueError(f"learner got groups of sizes {sorted(set(sizes))}, expected {G}")
-        batch = group_tensors(table, pad_id=0)
         rewards, versions = batch["rewards"], batch["versions"]
         adv, zero_var = group_advantages(rewards, G, scale_std=cfg.scale_std)
         keep = torch.ones_like(zero_var)
@@ -146,7 +146,10 @@ class LearnerCore:
             keep = ~zero_var
         groups = keep.nonzero().squeeze(-1).tolist()
         p_lens, c_lens = batch["prompt_lens"], batch["completion_lens"]
-        kept_rows = torch.tensor([g * G + i for g in groups for i in range(G)], dtype=torch.long)
+
+        def rows_of(gi: torch.Tensor) -> torch.Tensor:  # group indices -> their rows (contiguous, G each)
+            return (gi[:, None] * G + torch.arange(G)).flatten()
+        kept_rows = rows_of(torch.tensor(groups, dtype=torch.long))
         tok_den = float(c_lens[kept_rows].sum()) if groups else 1.0
         seq_den = float(len(kept_rows)) or 1.0
         sums, n_tok = {}, 0
@@ -156,8 +159,8 @@ class LearnerCore:
         longest = c_lens.view(-1, G).max(-1).values.tolist()  # per group
         for mb in micro_batches([int(p_lens[g]) for g in groups], [longest[g] for g in groups], G,
                                 cfg.micro_batch_tokens):
-            gi = torch.tensor([groups[j] for j in mb])  # (g,) groups; their rows are contiguous, G each
-            idx = (gi[:, None] * G + torch.arange(G)).flatten()  # (b,) rows
+            gi = torch.tensor([groups[j] for j in mb])  # (g,) groups
+            idx = rows_of(gi)  # (b,) rows
             Tp, Tc = int(p_lens[gi].max()), int(c_lens[idx].max())
             prompts, plen = batch["prompt_ids"][gi, :Tp].to(self.device), p_lens[gi].to(self.device)
             comp = batch["completion_ids"][idx, :Tc].to(self.device)  # (b, Tc)

@@ -52,11 +52,6 @@ def split_groups(batch: pa.RecordBatch) -> list[pa.RecordBatch]:
     return [batch.slice(a, b - a) for a, b in zip(starts[:-1], starts[1:])]
 
 
-def group_sizes(table: pa.Table) -> list[int]:
-    """Rows per group, in table order."""
-    return np.diff(group_starts(table.column("group_id").to_numpy())).tolist()
-
-
 def to_tensors(table: pa.Table, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded training tensors for a table of episodes.
 
