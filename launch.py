@@ -199,7 +199,8 @@ def run(cfg, given: set[str]) -> Path:
     else:
         need = 1 + cfg.num_rollout_workers
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=False)
-    pg, buffer, learner, workers, info = start_actors(cfg, run_dir, model_dir, state.get("buffer", {}),
+    pg, buffer, learner, workers, info = start_actors(cfg, run_dir, model_dir,
+                                                      {**state.get("buffer", {}), "next_ticket": start_step},
                                                       str(ckpt) if ckpt else None)
     log(f"learner on {info[0]['device']} (node {info[0]['node'][:8]}), {len(workers)} rollout workers on "
         f"{', '.join(i['device'] + '@' + i['node'][:8] for i in info[1:])}")

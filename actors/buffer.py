@@ -33,7 +33,10 @@ class EpisodeBuffer:
         self.dropped_work: list[tuple[int, int, int]] = []  # (group_id, step, example_index) of dropped groups
         self.part = c.get("log_parts", 0)
         self._changed: asyncio.Condition | None = None
-        self.tickets: set[int] = set()  # tickets of waiting takes
+        # Takes with tickets are served in ticket order from this one on (the driver passes its first
+        # learner step); Ray may start an async actor's calls out of submission order.
+        self.next_ticket: int | None = c.get("next_ticket")
+        self.waiting_takes = 0
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -72,22 +75,21 @@ class EpisodeBuffer:
         Oldest-first matters with k >= 1: workers finish out of order, and taking newer groups
         first would leave older ones to go stale at the next step. Groups older than min_version
         are dropped and counted (min_version only grows, so they could never be used); their work
-        items are kept for the driver to re-issue (`pop_dropped`). Waiting takes with tickets (the
-        learner's step numbers, when steps are queued ahead; the driver submits them in step order)
-        are served lowest ticket first, so a later step can neither take an earlier step's groups
-        nor drop ones still fresh for it.
+        items are kept for the driver to re-issue (`pop_dropped`). Takes with tickets (the learner's
+        step numbers, when steps are queued ahead) are served strictly in ticket order from
+        `next_ticket`, whatever order they arrive in, so a later step can neither take an earlier
+        step's groups nor drop ones still fresh for it.
         """
         cond = self._cond()
 
         def ready():
-            if ticket is not None and ticket != min(self.tickets):
+            if ticket is not None and self.next_ticket is not None and ticket != self.next_ticket:
                 return False
             fresh = [g for g in self.groups if g.column("policy_version")[0].as_py() >= min_version]
             return len(fresh) >= n_groups
 
         async with cond:
-            if ticket is not None:
-                self.tickets.add(ticket)
+            self.waiting_takes += 1
             try:
                 await asyncio.wait_for(cond.wait_for(ready), timeout)
             except asyncio.TimeoutError:
@@ -95,8 +97,10 @@ class EpisodeBuffer:
                                    f"version >= {min_version}, have {len(self.groups)} in buffer; are the "
                                    "rollout workers alive?") from None
             finally:
-                self.tickets.discard(ticket)
-                cond.notify_all()  # the next ticket may go now, whether this take succeeds, times out or is cancelled
+                self.waiting_takes -= 1
+                if ticket is not None and ticket == self.next_ticket:
+                    self.next_ticket += 1  # whether this take succeeds, times out or is cancelled
+                cond.notify_all()
             versions = [g.column("policy_version")[0].as_py() for g in self.groups]
             out, keep = [], collections.deque()
             chosen = set(sorted((i for i, v in enumerate(versions) if v >= min_version),
@@ -133,7 +137,7 @@ class EpisodeBuffer:
 
     def stats(self) -> dict:
         return {"produced": self.produced, "consumed": self.consumed, "dropped": self.dropped,
-                "in_buffer": len(self.groups), "log_parts": self.part}
+                "in_buffer": len(self.groups), "log_parts": self.part, "waiting_takes": self.waiting_takes}
 
     def checkpoint_state(self) -> dict:
         """Counters for a resume. Buffered groups are not kept: a resumed run regenerates them,

@@ -3,6 +3,7 @@
 Ray accepts made-up `num_gpus`, so the placement logic (who lands where, what each actor was
 granted) is tested without a GPU; torch still runs on the CPU.
 """
+import csv
 import json
 import os
 
@@ -73,7 +74,7 @@ def test_multinode_run_completes_with_staleness_one(cluster, tmp_path):
     than current - 1, episodes from versions the learner never published, and lost episodes."""
     cfg = tiny_cfg(tmp_path, steps=5, max_staleness=1, address=cluster.address)
     run_dir = launch.run(cfg, {"address"})
-    rows = [r for r in launch.csv.DictReader((run_dir / "metrics.csv").open()) if r["reward_mean"]]
+    rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["reward_mean"]]
     assert len(rows) == 5
     assert max(float(r["staleness_max"]) for r in rows) <= 1
     summary = json.loads((run_dir / "summary.json").read_text())

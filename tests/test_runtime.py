@@ -182,15 +182,22 @@ def test_buffer_takes_oldest_version_first_and_reports_dropped(local_ray):
 
 def test_buffer_serves_queued_takes_in_ticket_order(local_ray):
     """Guards against a learner step queued ahead (k >= 1) being served before the step before it
-    (taking its groups, or dropping ones still fresh for it), and against a cancelled take blocking
-    the ones after it. The driver submits takes in step order, as here."""
-    buf = EpisodeBuffer.remote(16)
+    (taking its groups, or dropping ones still fresh for it), also when Ray starts the later take
+    first, and against a cancelled take blocking the ones after it."""
+    buf = EpisodeBuffer.remote(16, None, {"next_ticket": 5})
+
+    def until_waiting(n):
+        t0 = time.time()
+        while ray.get(buf.stats.remote())["waiting_takes"] != n:
+            assert time.time() - t0 < 30, "takes never started waiting"
+            time.sleep(0.05)
+
+    later = buf.take.remote(1, 1, 10.0, ticket=6)  # step 7 wants 1 group of version >= 1, and arrives first
+    until_waiting(1)
     earlier = buf.take.remote(2, 0, 10.0, ticket=5)  # step 6 wants 2 groups of version >= 0
-    time.sleep(0.3)
-    later = buf.take.remote(1, 1, 10.0, ticket=6)  # step 7 wants 1 group of version >= 1
-    time.sleep(0.3)
+    until_waiting(2)
     ray.get(buf.put.remote([make_group(20, 1)]))
-    # Enough for the later take alone, but ticket 5 is still waiting: the group must stay for it.
+    # Enough for the later take alone, but ticket 5 comes first: the group must stay for it.
     assert ray.wait([later], timeout=0.5)[0] == []
     ray.get(buf.put.remote([make_group(21, 0)]))
     assert sorted(set(ray.get(earlier, timeout=10).column("group_id").to_pylist())) == [20, 21]
@@ -198,8 +205,9 @@ def test_buffer_serves_queued_takes_in_ticket_order(local_ray):
     assert ray.get(later, timeout=10).column("group_id").to_pylist() == [22, 22]
     assert ray.get(buf.stats.remote())["dropped"] == 0
     stuck = buf.take.remote(1, 0, 10.0, ticket=7)
+    until_waiting(1)
     after = buf.take.remote(1, 0, 10.0, ticket=8)
-    time.sleep(0.3)
+    until_waiting(2)
     ray.cancel(stuck)
     with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
         ray.get(stuck, timeout=10)
