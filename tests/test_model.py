@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
+import nanogrpo.model as M  # noqa: E402
 from nanogrpo.model import Qwen2  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -76,6 +77,32 @@ def test_logits_match_transformers(tmp_path, case):
         got = ours(ids)
     assert ref.abs().max() > 1.0  # logits not trivially small, so atol is meaningful
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(M._onednn_linear is None, reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("case", ["qwen3_bias_tied", "llama_bias"])
+def test_onednn_inference_linears_match_transformers(tmp_path, monkeypatch, case):
+    """fp32 CPU inference on large weights runs on oneDNN, not F.linear. The threshold is lowered so
+    these tiny models take that path: logits (biases on every projection) must still match HF, a
+    1-row call and anything under autograd must keep F.linear, and gradients must still flow."""
+    calls = []
+    real = M._onednn_linear
+    monkeypatch.setattr(M, "ONEDNN_MIN_WEIGHT", 0)
+    monkeypatch.setattr(M, "_onednn_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    hf, ours = hf_checkpoint(tmp_path, case)
+    ids = torch.randint(0, BASE["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got = ours(ids)
+        assert len(calls) == 7 * BASE["num_hidden_layers"] + 1  # q k v o gate up down per layer, lm_head
+        calls.clear()
+        one = ours(ids[:1, :1])
+    assert not calls  # 1 row: MKL's path
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one[0, 0], ref[0, 0], atol=1e-4, rtol=1e-4)
+    ours(ids).logsumexp(-1).mean().backward()
+    assert not calls
+    assert all(p.grad is not None for p in ours.parameters())
 
 
 @pytest.mark.parametrize("case", ["qwen2_untied", "qwen3_head_dim", "llama_rope3"])
