@@ -56,7 +56,7 @@ E2E_QUICK_CAP_S = 120
 E2E_GAIN = 0.20
 # Targets, one place: (comparison, bound). ">=" means the ratio must be at least the bound.
 TARGETS = {
-    "generate_speedup": (">=", 1.0),       # our sampler vs transformers.generate, same work
+    "generate_speedup": (">=", 3.0),       # our sampler vs transformers.generate, same work (fp32 on CPU)
     "learner_speedup": (">=", 1.0),        # our GRPO step vs transformers + torch AdamW, same batches
     "ckpt_time": ("<=", 1.5),              # one extra forward per step should cost <= +50%
     "ckpt_mem": ("<=", 0.75),              # ... and buy at least a quarter of the step's peak memory
@@ -267,8 +267,9 @@ def verdict(key: str, ratio: float | None) -> tuple[str, str]:
 def _generate_rows(res: dict, add):
     for r in res["rows"]:
         w = f"{r['workload']} {r['dtype']}"
+        # CPU rollout actors sample in fp32 (this benchmark runs on the CPU); bf16 is for information.
         add(f"rollout tok/s, {w}", f"{r['ours_tok_s']:.0f}", f"transformers {r['hf_tok_s']:.0f}",
-            r["speedup"], "generate_speedup")
+            r["speedup"], "generate_speedup" if r["dtype"] == "float32" else None)
         add(f"rollout FLOP/s, {w}", f"{r['ours_gflops']:.1f} GFLOP/s",
             f"matmul peak {r['peak_gflops']:.0f}", r["frac_of_peak"], pct=True)
     for d in res.get("decode_bandwidth", []):
