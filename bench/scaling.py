@@ -66,15 +66,19 @@ def rollout_scaling(model_dir: str, rounds: int, window: float) -> dict:
         return [(k * 16 + j, 0, (k * 16 + j) % n_train) for j in range(16)]
 
     def measure(n: int) -> float:
-        tokens, t0 = 0, time.perf_counter()
-        pending = {w.rollout.remote(work(), weights, 0): w for w in ws[:n]}
-        while time.perf_counter() - t0 < window:
+        """Sum over the n workers of (tokens of the calls it finished in the window) / (time its
+        last one finished). Per-worker spans: with one shared span, whichever worker finished
+        its last call first would sit idle while the other's ran on, counted against 2 workers."""
+        tokens, last, t0 = [0] * n, [0.0] * n, time.perf_counter()
+        pending = {w.rollout.remote(work(), weights, 0): i for i, w in enumerate(ws[:n])}
+        while pending:
             [done], _ = ray.wait(list(pending), num_returns=1)
-            w = pending.pop(done)
-            tokens += ray.get(done)["tokens"]
-            pending[w.rollout.remote(work(), weights, 0)] = w
-        tokens += sum(ray.get(r)["tokens"] for r in pending)
-        return tokens / (time.perf_counter() - t0)
+            i, out, now = pending.pop(done), ray.get(done), time.perf_counter() - t0
+            if now < window or not last[i]:  # a call still running at the end is not counted
+                tokens[i], last[i] = tokens[i] + out["tokens"], now
+            if now < window:
+                pending[ws[i].rollout.remote(work(), weights, 0)] = i
+        return sum(t / s for t, s in zip(tokens, last))
 
     ray.get([w.rollout.remote(work(), weights, 0) for w in ws])  # warm-up + weight load
     one, two = [], []
