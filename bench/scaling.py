@@ -74,7 +74,7 @@ def rollout_scaling(model_dir: str, rounds: int, window: float) -> dict:
         while pending:
             [done], _ = ray.wait(list(pending), num_returns=1)
             i, out, now = pending.pop(done), ray.get(done), time.perf_counter() - t0
-            if now < window or not last[i]:  # a call still running at the end is not counted
+            if now < window or not last[i]:  # calls ending after the window count only if a worker has no other
                 tokens[i], last[i] = tokens[i] + out["tokens"], now
             if now < window:
                 pending[ws[i].rollout.remote(work(), weights, 0)] = i
