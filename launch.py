@@ -13,6 +13,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -459,6 +460,9 @@ def main(argv=None) -> int:
         return 0
     from nanogrpo.runconfig import parse_args
     cfg, given = parse_args(argv, description=__doc__.split("\n\n")[0])
+    # A shell starts background jobs (`nohup python launch.py &`) with SIGINT ignored, and Python
+    # keeps it ignored: give `kill -INT` the clean stop of Ctrl-C there too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run(cfg, given)
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, TimeoutError) as e:
