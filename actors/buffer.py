@@ -56,7 +56,8 @@ class EpisodeBuffer:
         cond = self._cond()
         async with cond:
             try:
-                await asyncio.wait_for(cond.wait_for(lambda: len(self.groups) < self.capacity), timeout)
+                if len(self.groups) >= self.capacity:  # (wait_for costs a task and a timer: only when full)
+                    await asyncio.wait_for(cond.wait_for(lambda: len(self.groups) < self.capacity), timeout)
             except asyncio.TimeoutError:
                 raise TimeoutError(f"EpisodeBuffer.put: buffer stayed full ({self.capacity} groups) for "
                                    f"{timeout:.0f}s; is the learner still consuming?") from None
