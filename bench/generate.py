@@ -234,7 +234,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="smaller workloads (~1 min)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["tiny", "0.5b"], help="run one workload")
-    ap.add_argument("--reps", type=int, default=2, help="timed runs per engine on the tiny model (best kept)")
+    ap.add_argument("--reps", type=int, default=5, help="timed runs per engine on the tiny model (best kept)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results_generate.json")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
