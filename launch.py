@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -164,6 +165,10 @@ def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from
 
 
 # ----------------------------------------------------------------------------- the run
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(cfg, given: set[str]) -> Path:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -200,6 +205,10 @@ def run(cfg, given: set[str]) -> Path:
     else:
         need = 1 + cfg.num_rollout_workers
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=False)
+    if threading.current_thread() is threading.main_thread():
+        # ray.init makes SIGTERM exit on the spot. Stop as on Ctrl-C instead (finish, checkpoint, summary):
+        # `kill PID` and `ray job stop` send SIGTERM.
+        signal.signal(signal.SIGTERM, _interrupt)
     pg, buffer, learner, workers, info = start_actors(cfg, run_dir, model_dir,
                                                       {**state.get("buffer", {}), "next_ticket": start_step},
                                                       str(ckpt) if ckpt else None)

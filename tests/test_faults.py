@@ -212,18 +212,20 @@ def test_non_finite_gradient_skips_step_and_leaves_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_with_a_consistent_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_with_a_consistent_checkpoint(tmp_path, sig):
     """Guards against Ctrl-C losing work or leaving a checkpoint that disagrees with the run: with
     k = 1 the next learner step is queued while one trains, so an interrupt must let a step whose
     groups were already taken finish and count it, and cancel one still waiting for groups. The run
-    starts with SIGINT ignored, as a shell starts a background job (`nohup python launch.py &`)."""
+    starts with SIGINT ignored, as a shell starts a background job (`nohup python launch.py &`).
+    SIGTERM (`kill`, `ray job stop`) must stop the same way, not exit on the spot as Ray makes it."""
     run_dir = tmp_path / "run"
     flags = dict(zip(COMMON[::2], COMMON[1::2]), **{"--steps": "400", "--max-staleness": "1", "--save-every": "3"})
     p = start(["--out", str(run_dir), *[x for kv in flags.items() for x in kv]], tmp_path,
               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         wait_for(lambda: len(step_rows(run_dir)) >= 7 or p.poll() is not None, 300, "7 logged steps")
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         out, err = p.communicate(timeout=300)
     finally:
         kill_session(p)
