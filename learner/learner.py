@@ -163,20 +163,20 @@ class LearnerCore:
             idx = rows_of(gi)  # (b,) rows
             Tp, Tc = int(p_lens[gi].max()), int(c_lens[idx].max())
             prompts, plen = batch["prompt_ids"][gi, :Tp].to(self.device), p_lens[gi].to(self.device)
-            comp = batch["completion_ids"][idx, :Tc].to(self.device)  # (b, Tc)
+            comp, clen = batch["completion_ids"][idx, :Tc].to(self.device), c_lens[idx].to(self.device)  # (b, Tc), (b,)
             row_prompt = torch.arange(len(mb), device=self.device).repeat_interleave(G)
             mask = (torch.arange(Tc)[None] < c_lens[idx][:, None]).to(self.device)  # (b, Tc)
             old = batch["old_logprobs"][idx, :Tc].to(self.device)
             # Each prompt runs once for its G completions; logits only where a completion token is predicted.
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = self.model.lm_head(self.model.completion_hidden(prompts, plen, comp, row_prompt))
+                logits = self.model.lm_head(self.model.completion_hidden(prompts, plen, comp, row_prompt, clen))
             logp, ent = token_logprobs(logits, comp, cfg.temperature, with_entropy=True)
             if cfg.entropy_coef == 0:
                 ent = ent.detach()
             ref_logp = None
             if self.ref is not None:
                 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    ref_hidden = self.ref.completion_hidden(prompts, plen, comp, row_prompt)
+                    ref_hidden = self.ref.completion_hidden(prompts, plen, comp, row_prompt, clen)
                     ref_logp = token_logprobs(self.ref.lm_head(ref_hidden), comp, cfg.temperature)
             stale = (versions[idx] < self.version).to(self.device)
             prox = None

@@ -151,13 +151,34 @@ class PromptKV:
     append), so a gradient-checkpointing recompute of the prompts' forward overwrites, not grows.
     """
 
-    def __init__(self, prompt_lens: torch.Tensor, index: torch.Tensor, k=None, v=None):
+    def __init__(self, prompt_lens: torch.Tensor, index: torch.Tensor, k=None, v=None, lengths=None):
         self.prompt_lens, self.index = prompt_lens, index  # (P,), (N,) row -> prompt
         self.replaying = k is not None
         self.k, self.v = (k, v) if self.replaying else ({}, {})
+        self.lengths = lengths  # (N,) real tokens per replayed row, or None: all of them
+        self._flat = None  # (n,) positions of the real tokens in the flattened (N * T) input
 
-    def replay(self) -> "PromptKV":
-        return PromptKV(self.prompt_lens, self.index, self.k, self.v)
+    def replay(self, lengths: torch.Tensor | None = None) -> "PromptKV":
+        """The completions' side. lengths (N,): only the first lengths[r] tokens of row r are real;
+        the rest is padding that the projections and MLPs then skip (`pack` / `unpack`)."""
+        return PromptKV(self.prompt_lens, self.index, self.k, self.v, lengths)
+
+    @property
+    def packed(self) -> bool:
+        return self.lengths is not None
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, F) -> (n, F), the real tokens only."""
+        N, T = x.shape[:2]
+        if self._flat is None:
+            real = torch.arange(T, device=x.device)[None, :] < self.lengths[:, None]  # (N, T)
+            self._flat, self._shape = real.flatten().nonzero().squeeze(1), (N, T)
+        return x.reshape(N * T, -1)[self._flat]
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, F) -> (N, T, F), zeros at padding."""
+        N, T = self._shape
+        return x.new_zeros(N * T, x.shape[-1]).index_copy(0, self._flat, x).view(N, T, -1)
 
     def attend(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, H_kv, T, D) of this forward -> the keys/values its queries attend to."""
@@ -191,11 +212,13 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer_idx, cache: KVCache | None, pos):
-        B, T, _ = x.shape  # (B, T, C)
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)  # (B, T, H_kv, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+    def forward(self, x, cos, sin, mask, layer_idx, cache: KVCache | PromptKV | None, pos):
+        packed = isinstance(cache, PromptKV) and cache.packed  # x (n, C): real tokens only
+        q, k, v = (cache.unpack(p(x)) if packed else p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, H_kv, D)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -221,7 +244,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(cache.pack(y) if packed else y)
 
 
 class MLP(nn.Module):
@@ -390,6 +414,9 @@ class Qwen2(nn.Module):
         B, T = input_ids.shape
         dev = input_ids.device
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        packed = isinstance(cache, PromptKV) and cache.packed
+        if packed:
+            x = cache.pack(x)  # (n, C): norms, projections and MLPs run on real tokens only
         mask, pos, n_pos = None, None, T  # n_pos: host-side bound on the positions used
         explicit_positions = position_ids is not None
         if isinstance(cache, PromptKV) and cache.replaying:
@@ -431,24 +458,29 @@ class Qwen2(nn.Module):
         if isinstance(cache, KVCache):
             cache.lengths[:B] += input_lengths
         x = self.model.norm(x)
+        if packed:
+            x = cache.unpack(x)
         if return_hidden:
             return x
         if logits_at is not None:
             x = x[torch.arange(B, device=dev), logits_at]  # (B, C)
         return self.lm_head(x)
 
-    def completion_hidden(self, prompt_ids, prompt_lens, completion_ids, index) -> torch.Tensor:
+    def completion_hidden(self, prompt_ids, prompt_lens, completion_ids, index, completion_lens=None) -> torch.Tensor:
         """The final hidden states that predict each completion token, each prompt run once.
 
         prompt_ids (P, Tp) right-padded with lengths prompt_lens (P,); completion_ids (N, Tc)
         right-padded, row r completing prompt index[r]. -> (N, Tc, C): [:, 0] at the prompt's last
         token, [:, t] at completion token t-1; the same values as running every prompt + completion
         on its own. Padding positions hold values that no real position depends on.
+        completion_lens (N,), optional: the rows' real lengths. The projections and MLPs then run on
+        real tokens only (prompts and completions), and padding positions hold zeros.
         """
-        kv = PromptKV(prompt_lens, index)
+        kv = PromptKV(prompt_lens, index, lengths=None if completion_lens is None else prompt_lens)
         hp = self(prompt_ids, cache=kv, return_hidden=True)  # (P, Tp, C)
         first = hp[index, prompt_lens[index] - 1][:, None]  # (N, 1, C)
         if completion_ids.shape[1] == 1:
             return first
-        hc = self(completion_ids[:, :-1], cache=kv.replay(), return_hidden=True)  # (N, Tc - 1, C)
+        lens = None if completion_lens is None else (completion_lens - 1).clamp(min=0)  # tokens fed back
+        hc = self(completion_ids[:, :-1], cache=kv.replay(lens), return_hidden=True)  # (N, Tc - 1, C)
         return torch.cat((first, hc), 1)

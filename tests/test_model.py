@@ -192,11 +192,13 @@ def test_gradient_checkpointing_same_loss_and_grads():
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_shared_prompt_forward_matches_each_row_alone(ckpt):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_shared_prompt_forward_matches_each_row_alone(ckpt, packed):
     """Guards against the learner's shared-prompt forward (each prompt run once for its G
     completions) attending to another row's prompt, to prompt padding, or to later completion
     tokens, placing RoPE positions wrongly, or losing the gradient through the shared keys: hidden
-    states and every gradient must equal running each prompt + completion row on its own."""
+    states and every gradient must equal running each prompt + completion row on its own. Packed:
+    given the real lengths, projections and MLPs skip padding (a wrong token placement fails)."""
     import random
 
     from nanogrpo.config import ModelConfig
@@ -216,8 +218,11 @@ def test_shared_prompt_forward_matches_each_row_alone(ckpt):
     shared = randomise_(Qwen2.from_config(cfg, seed=0), seed=4).train()
     alone = randomise_(Qwen2.from_config(cfg, seed=0), seed=4).train()
     shared.gradient_checkpointing = ckpt
-    h = shared.completion_hidden(P, torch.tensor([len(p) for p in prompts]), C, torch.tensor(index))
+    lens = torch.tensor([len(c) for c in comps]) if packed else None
+    h = shared.completion_hidden(P, torch.tensor([len(p) for p in prompts]), C, torch.tensor(index), lens)
     assert h.shape == (12, 6, 64)
+    if packed:  # padding positions hold zeros
+        assert all(float(h[r, len(c):].detach().abs().sum()) == 0.0 for r, c in enumerate(comps))
     loss_shared, loss_alone = 0.0, 0.0
     for r, c in enumerate(comps):
         p = prompts[index[r]]
