@@ -118,8 +118,10 @@ def weight_sync(cfg: dict, reps: int) -> dict:
     for n in (1, 2, 4):
         peers = [SyncPeer.remote(cfg) for _ in range(n)]
         best = float("inf")
-        # The first versions land in object-store pages never touched before (page faults: up to
-        # 7x a memcpy once); a run publishes every step, so the steady state is timed after 3.
+        # Steady state: 3 untimed versions first (the first puts fault in fresh object-store pages),
+        # and versions 0.5 s apart, as a run publishes once per learner step. Back-to-back 1.3 GB
+        # puts 80 ms apart outran Ray's release of the versions before them: a put then stalled
+        # for 0.5-2.5 s (every third one with 1 worker).
         for v in range(-3, reps):
             t0 = time.perf_counter()
             ref = [ray.put(pack(model, v, copy=False))]
@@ -127,6 +129,7 @@ def weight_sync(cfg: dict, reps: int) -> dict:
             if v >= 0:
                 best = min(best, time.perf_counter() - t0)
             del ref
+            time.sleep(0.5)
         res[f"publish_load_s_{n}_workers"] = best
         res[f"vs_memcpy_{n}_workers"] = best / memcpy
         for p in peers:
