@@ -165,10 +165,6 @@ def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from
 
 
 # ----------------------------------------------------------------------------- the run
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run(cfg, given: set[str]) -> Path:
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -208,7 +204,7 @@ def run(cfg, given: set[str]) -> Path:
     if threading.current_thread() is threading.main_thread():
         # ray.init makes SIGTERM exit on the spot. Stop as on Ctrl-C instead (finish, checkpoint, summary):
         # `kill PID` and `ray job stop` send SIGTERM.
-        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
     pg, buffer, learner, workers, info = start_actors(cfg, run_dir, model_dir,
                                                       {**state.get("buffer", {}), "next_ticket": start_step},
                                                       str(ckpt) if ckpt else None)

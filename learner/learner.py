@@ -165,7 +165,7 @@ class LearnerCore:
             prompts, plen = batch["prompt_ids"][gi, :Tp].to(self.device), p_lens[gi].to(self.device)
             comp, clen = batch["completion_ids"][idx, :Tc].to(self.device), c_lens[idx].to(self.device)  # (b, Tc), (b,)
             row_prompt = torch.arange(len(mb), device=self.device).repeat_interleave(G)
-            mask = (torch.arange(Tc)[None] < c_lens[idx][:, None]).to(self.device)  # (b, Tc)
+            mask = torch.arange(Tc, device=self.device)[None] < clen[:, None]  # (b, Tc)
             old = batch["old_logprobs"][idx, :Tc].to(self.device)
             # Each prompt runs once for its G completions; logits only where a completion token is predicted.
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
