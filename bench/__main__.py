@@ -12,6 +12,9 @@ and writes bench/results.json with the machine description and every sub-result.
   generate   bench/generate.py -> results_generate.json  rollout tokens/s vs transformers.generate
   learner    bench/learner.py  -> results_learner.json   GRPO step tokens/s vs transformers + AdamW
   scaling    bench/scaling.py  -> results_scaling.json   1 -> 2 rollout workers, weight sync, async
+  gpu        bench/gpu.py      -> results_gpu.json       bf16 on a CUDA device, 0.5B shape: generation,
+             learner and MFU, offloaded-optimizer memory, weight sync (0.5B, 1.5B); only when torch
+             sees a CUDA device
   e2e        python launch.py --out TMP (the default run): time to +0.20 held-out success over the
              first eval, and the fraction of the GRPO phase the learner spent waiting for data.
              With --quick the run is stopped cleanly (SIGINT) at that threshold or after 120 s of
@@ -47,6 +50,7 @@ SUBS = {
     "generate": ("bench.generate", "results_generate.json", (360, 900)),
     "learner": ("bench.learner", "results_learner.json", (300, 900)),
     "scaling": ("bench.scaling", "results_scaling.json", (480, 1200)),
+    "gpu": ("bench.gpu", "results_gpu.json", (900, 1800)),  # only where torch sees a CUDA device
 }
 E2E_LIMIT_S = 1800
 KILL_GRACE_S = 60  # after a time limit's SIGINT, before SIGKILL
@@ -65,6 +69,9 @@ TARGETS = {
     "async_speedup": (">=", 1.5),          # steps/min with staleness 1 vs 0
     "e2e_reach": ("<=", 1.0),              # time to threshold / GRPO wall: reached within the run
     "e2e_idle": ("<=", 0.5),               # learner waits for data at most half the GRPO phase
+    "gpu_generate_speedup": (">=", 3.0),   # bf16 on the GPU, 0.5B shape
+    "gpu_learner_speedup": (">=", 1.0),
+    "gpu_offload_mem": ("<=", 0.40),       # CPUOffloadAdamW step peak vs torch.optim.AdamW's
 }
 
 
@@ -314,6 +321,24 @@ def _scaling_rows(res: dict, add):
             + (f"; overlap bound {asy[f'{name}_overlap_bound']:.2f}x" if f"{name}_overlap_bound" in asy else ""))
 
 
+def _gpu_rows(res: dict, add):
+    g, lr, mem = res["generate"], res["learner"], res["optimizer_memory"]
+    add(f"GPU rollout tok/s, {g['workload']} bf16", f"{g['ours_tok_s']:.0f}", f"transformers {g['hf_tok_s']:.0f}",
+        g["speedup"], "gpu_generate_speedup")
+    add("GPU rollout FLOP/s", f"{g['ours_gflops'] / 1e3:.1f} TFLOP/s", f"bf16 peak {g['peak_gflops'] / 1e3:.0f}",
+        g["frac_of_peak"], pct=True)
+    add("GPU learner completion tok/s", f"{lr['ours_completion_tok_s']:.0f}",
+        f"transformers {lr['peer_completion_tok_s']:.0f}", lr["speedup"], "gpu_learner_speedup",
+        f"MFU {lr['ours_mfu']:.1%} vs {lr['peer_mfu']:.1%}")
+    if mem["ratio"] is not None:
+        add("GPU step peak memory, CPUOffloadAdamW", f"{mem['offload_peak_bytes'] / 2**30:.2f} GiB",
+            f"torch AdamW {mem['peer_peak_bytes'] / 2**30:.2f} GiB", mem["ratio"], "gpu_offload_mem")
+    for shape, w in res["weight_sync"].items():
+        for n in (1, 2):
+            add(f"GPU publish+load {shape}, {n} worker(s)", f"{1e3 * w[f'publish_load_s_{n}_workers']:.0f} ms",
+                f"D2H+H2D {1e3 * w['round_trip_s']:.0f} ms", w[f"vs_round_trip_{n}_workers"])
+
+
 def _e2e_rows(e2e: dict, add):
     reach = e2e["reached_wall_s"]
     budget = e2e["cap_s"] or e2e["grpo_wall_s"]
@@ -331,6 +356,7 @@ PARTS = {  # name -> (rows from its result, what the failed row says it measures
     "generate": (_generate_rows, "rollout tokens/s vs transformers.generate"),
     "learner": (_learner_rows, "GRPO step tokens/s vs transformers + AdamW"),
     "scaling": (_scaling_rows, "rollout workers, weight sync, async"),
+    "gpu": (_gpu_rows, "bf16 generation, learner, offload memory, weight sync on the GPU"),
     "e2e": (_e2e_rows, "the default run"),
 }
 
@@ -396,6 +422,8 @@ def main():
     logs = Path(tempfile.mkdtemp(prefix="nanogrpo-bench-logs-"))
     subs = {}
     for name in SUBS:
+        if name == "gpu" and not mach["cuda"]:
+            continue  # the CPU suite; bench.gpu needs a CUDA device
         if name in parts:
             subs[name] = run_sub(name, args.quick, logs)
     e2e = end_to_end(logs, args.keep_run, E2E_QUICK_CAP_S if args.quick else None) if "e2e" in parts else None

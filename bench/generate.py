@@ -43,14 +43,22 @@ QWEN05 = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermedia
               tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768)
 
 
-def matmul_peak(dtype, n=2048, reps=5) -> float:
+def sync(device) -> None:
+    """Wait for queued GPU work, so a timer stops when the work is done, not when it is queued."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype, n=2048, reps=5, device="cpu") -> float:
     """Best-of-reps FLOP/s of an (n x n) @ (n x n) matmul: the ceiling for our decode matmuls."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b
+    sync(device)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
 
@@ -150,9 +158,10 @@ def useful_flops(cfg: ModelConfig, n_matmul_params: int, prompts, completions) -
 
 
 def run_ours(model, prompts, G, max_new, bias):
+    sync(model.device)
     c, t = time.process_time(), time.perf_counter()
     outs = generate(model, prompts, n=G, max_new_tokens=max_new, temperature=1.0,
-                    stop_token_ids=[EOS], logit_bias={EOS: bias}, seed=0)
+                    stop_token_ids=[EOS], logit_bias={EOS: bias}, seed=0)  # ends in .tolist(): synced
     return (time.perf_counter() - t, time.process_time() - c), outs
 
 
@@ -162,17 +171,20 @@ def run_hf(hf, prompts, G, max_new, bias):
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # transformers wants left padding for decoder-only generate
         ids[i, T - len(p):], mask[i, T - len(p):] = torch.tensor(p), 1
+    ids, mask = ids.to(hf.device), mask.to(hf.device)
     torch.manual_seed(0)
+    sync(hf.device)
     c, t = time.process_time(), time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=G,
                           max_new_tokens=max_new, temperature=1.0, top_k=0, top_p=1.0,
                           eos_token_id=EOS, pad_token_id=PAD, use_cache=True,
                           sequence_bias=[[[EOS], float(bias)]])
+    sync(hf.device)
     return (time.perf_counter() - t, time.process_time() - c), count_completed(out[:, T:].tolist())
 
 
-def bench_shape(name, shape, n_prompts, G, max_new, plen, bias, dtypes, reps):
+def bench_shape(name, shape, n_prompts, G, max_new, plen, bias, dtypes, reps, device="cpu"):
     import transformers
 
     cfg = ModelConfig(**shape)
@@ -183,8 +195,8 @@ def bench_shape(name, shape, n_prompts, G, max_new, plen, bias, dtypes, reps):
         base.save_pretrained(d)
         del base
         for dtype in dtypes:
-            ours = Qwen2.from_pretrained(d, dtype=dtype).eval()
-            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+            ours = Qwen2.from_pretrained(d, dtype=dtype, device=device).eval()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
             # One short call each so first-use costs (allocator, oneDNN kernels) are not timed.
             run_ours(ours, prompts[:2], 2, 4, bias)
             run_hf(hf, prompts[:2], 2, 4, bias)

@@ -36,11 +36,14 @@ QWEN05 = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermedia
               num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, torch_dtype="bfloat16")
 
 
-def empty_model(cfg: dict, dtype) -> Qwen2:
+def empty_model(cfg: dict, dtype, device="cpu") -> Qwen2:
     """Right shapes, uninitialised values: sync cost does not depend on the numbers."""
     with torch.device("meta"):
         m = Qwen2(ModelConfig.from_dict(cfg))
-    return m.to_empty(device="cpu").to(dtype)
+    m = m.to_empty(device=device).to(dtype)
+    if m.config.tie_word_embeddings:
+        m.lm_head.weight = m.model.embed_tokens.weight  # to_empty from meta unties them
+    return m
 
 
 # ----------------------------------------------------------------------------- rollout scaling
