@@ -205,7 +205,7 @@ def main():
         Qwen2.from_config(TINY_MODEL_CONFIG, seed=0).save_pretrained(model_dir)
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
         try:
-            roll = rollout_scaling(model_dir, 6 if args.quick else 10, 1.5 if args.quick else 2.5)
+            roll = rollout_scaling(model_dir, 10 if args.quick else 16, 1.5 if args.quick else 2.5)
             sync = weight_sync(QWEN05, 2 if args.quick else 4)
         finally:
             ray.shutdown()
