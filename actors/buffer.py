@@ -12,6 +12,7 @@ import asyncio
 import collections
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -118,7 +119,12 @@ class EpisodeBuffer:
             self.groups = keep
             self.consumed += len(out)
             cond.notify_all()
-        return pa.Table.from_batches(out, schema=SCHEMA)
+        # One contiguous copy of these rows. Each group is a zero-copy slice of the batch it came in,
+        # and Ray serialises a table chunk by chunk, cutting each slice out of its parent: 10 ms and
+        # 112 KB for 32 groups (over Ray's 100 KB inline limit, so through the object store), against
+        # 0.17 ms for this copy + 0.44 ms and 59 KB. combine_chunks() would leave a lone slice as is.
+        table = pa.Table.from_batches(out, schema=SCHEMA)
+        return table.take(np.arange(table.num_rows))
 
     def pop_dropped(self) -> list[tuple[int, int, int]]:
         """Work items of groups dropped as stale since the last call (for the driver to re-issue)."""

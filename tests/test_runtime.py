@@ -227,3 +227,20 @@ def test_buffer_splits_a_batch_of_several_groups(local_ray):
     t = ray.get(buf.take.remote(2, 1, 5.0))
     assert t.column("group_id").to_pylist() == [30, 30, 32, 32]
     assert ray.get(buf.stats.remote())["produced"] == 3
+
+
+def test_buffer_take_returns_one_contiguous_table(local_ray):
+    """Groups are stored as zero-copy slices of the batch they came in. A take must hand back one
+    contiguous chunk per column holding only the taken rows: a table of per-group slices cost Ray
+    10 ms to serialise for 32 groups (it cuts every slice out of its parent), a copy 0.6 ms."""
+    import pyarrow as pa
+    buf = EpisodeBuffer.remote(64)
+    big = pa.Table.from_batches([make_group(100 + g, 0, G=8) for g in range(16)]).combine_chunks().to_batches()
+    assert ray.get(buf.put.remote(big)) == 16
+    first = 100
+    for n in (1, 4):
+        t = ray.get(buf.take.remote(n, 0, 5.0))
+        assert t.column("group_id").to_pylist() == [g for g in range(first, first + n) for _ in range(8)]
+        first += n
+        assert all(c.num_chunks == 1 for c in t.columns)
+        assert t.get_total_buffer_size() <= 1.1 * t.nbytes  # no parent buffers ride along
