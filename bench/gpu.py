@@ -38,12 +38,12 @@ import torch
 
 from bench.generate import QWEN05, TINY, bench_shape, matmul_peak, sync
 from bench.learner import Ours, Peer, make_table, matmul_params, peer_batches
-from bench.scaling import empty_model
+from bench.scaling import SyncPeer, _timed, empty_model, publish_load_s
 from nanogrpo.config import ModelConfig
 from nanogrpo.grpo import token_logprobs
 from nanogrpo.model import Qwen2
 from nanogrpo.optim import CPUOffloadAdamW, param_groups
-from nanogrpo.weights import flatten_parameters, pack, unpack_into
+from nanogrpo.weights import flatten_parameters
 
 QWEN15 = {**QWEN05, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
           "num_attention_heads": 12, "num_key_value_heads": 2}
@@ -165,21 +165,6 @@ def optimizer_memory(shape: dict, device, rows: int, seq: int) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- weight sync
-@ray.remote
-class DeviceSyncPeer:
-    """Holds a model on the device as a rollout worker does and loads versions into it."""
-
-    def __init__(self, cfg: dict, device: str):
-        torch.set_num_threads(1)
-        self.model = empty_model(cfg, torch.bfloat16, device)
-
-    def load(self, weights: list) -> float:
-        t0 = time.perf_counter()
-        self.packed = ray.get(weights[0])
-        unpack_into(self.model, self.packed, share=True)  # CPU: views; GPU: one copy per dtype + synchronize
-        return time.perf_counter() - t0
-
-
 def round_trip_s(flat: torch.Tensor, device) -> float:
     """Best of 3: one device -> host (pinned on a GPU) -> device copy of `flat`; the least a
     weight version that crosses the host can cost."""
@@ -203,27 +188,13 @@ def bench_sync(cfg: dict, device, reps: int) -> dict:
     res = {"state_bytes": nbytes, "round_trip_s": ref}
     gpu_share = 0.5 if torch.device(device).type == "cuda" else 0
     for n in (1, 2):
-        peers = [DeviceSyncPeer.options(num_gpus=gpu_share).remote(cfg, str(device)) for _ in range(n)]
-        best = float("inf")
-        for v in range(-2, reps):  # two untimed versions first (fresh object-store pages)
-            t0 = time.perf_counter()
-            refs = [ray.put(pack(model, v, copy=False))]
-            ray.get([p.load.remote(refs) for p in peers])
-            if v >= 0:
-                best = min(best, time.perf_counter() - t0)
-            del refs
-            time.sleep(0.5)  # versions apart, as one per learner step (see bench.scaling)
+        peers = [SyncPeer.options(num_gpus=gpu_share).remote(cfg, str(device)) for _ in range(n)]
+        best = publish_load_s(model, peers, reps)
         res[f"publish_load_s_{n}_workers"] = best
         res[f"vs_round_trip_{n}_workers"] = best / ref
         for p in peers:
             ray.kill(p)
     return res
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------- main

@@ -107,15 +107,33 @@ def rollout_scaling(model_dir: str, rounds: int, window: float) -> dict:
 # ----------------------------------------------------------------------------- weight sync
 @ray.remote(num_cpus=0)
 class SyncPeer:
-    def __init__(self, cfg):
+    def __init__(self, cfg, device: str = "cpu"):
         torch.set_num_threads(1)
-        self.model = empty_model(cfg, torch.bfloat16)
+        self.model = empty_model(cfg, torch.bfloat16, device)
 
     def load(self, weights: list) -> float:
         t0 = time.perf_counter()
         self.packed = ray.get(weights[0])  # held like a rollout worker holds its current version
         unpack_into(self.model, self.packed, share=True)  # what RolloutWorker._sync does
         return time.perf_counter() - t0
+
+
+def publish_load_s(model: Qwen2, peers: list, reps: int) -> float:
+    """Best time over `reps` versions to publish (pack + one ray.put) and load on every peer.
+    Steady state: 3 untimed versions first (the first puts fault in fresh object-store pages), and
+    versions 0.5 s apart, as a run publishes once per learner step. Back-to-back 1.3 GB puts 80 ms
+    apart outran Ray's release of the versions before them: a put then stalled for 0.5-2.5 s (every
+    third one with 1 worker)."""
+    best = float("inf")
+    for v in range(-3, reps):
+        t0 = time.perf_counter()
+        ref = [ray.put(pack(model, v, copy=False))]
+        ray.get([p.load.remote(ref) for p in peers])
+        if v >= 0:
+            best = min(best, time.perf_counter() - t0)
+        del ref
+        time.sleep(0.5)
+    return best
 
 
 def weight_sync(cfg: dict, reps: int) -> dict:
@@ -128,19 +146,7 @@ def weight_sync(cfg: dict, reps: int) -> dict:
     res = {"state_bytes": nbytes, "memcpy_s": memcpy, "memcpy_GBps": nbytes / memcpy / 1e9}
     for n in (1, 2, 4):
         peers = [SyncPeer.remote(cfg) for _ in range(n)]
-        best = float("inf")
-        # Steady state: 3 untimed versions first (the first puts fault in fresh object-store pages),
-        # and versions 0.5 s apart, as a run publishes once per learner step. Back-to-back 1.3 GB
-        # puts 80 ms apart outran Ray's release of the versions before them: a put then stalled
-        # for 0.5-2.5 s (every third one with 1 worker).
-        for v in range(-3, reps):
-            t0 = time.perf_counter()
-            ref = [ray.put(pack(model, v, copy=False))]
-            ray.get([p.load.remote(ref) for p in peers])
-            if v >= 0:
-                best = min(best, time.perf_counter() - t0)
-            del ref
-            time.sleep(0.5)
+        best = publish_load_s(model, peers, reps)
         res[f"publish_load_s_{n}_workers"] = best
         res[f"vs_memcpy_{n}_workers"] = best / memcpy
         for p in peers:
