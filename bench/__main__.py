@@ -5,7 +5,7 @@ cannot take the others down), then the end-to-end default run, then prints one t
 per figure (value, the peer or machine limit it is compared to, the ratio, the target, pass/miss)
 and writes bench/results.json with the machine description and every sub-result.
 
-    python -m bench --quick     # 7.1 min measured on 2 idle cores (~12 min under heavy load)
+    python -m bench --quick     # 6.5-7.1 min measured on 2 idle cores (~12 min under heavy load)
     python -m bench             # full sub-benchmarks and the whole default run: ~20-25 min
                                 # (estimated from its parts; not timed as a whole)
 
