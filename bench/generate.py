@@ -243,7 +243,7 @@ def _fmt_row(r):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller workloads (~1 min)")
+    ap.add_argument("--quick", action="store_true", help="3 tiny repeats, a shorter 0.5B run in fp32 only (~1.5 min)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["tiny", "0.5b"], help="run one workload")
     ap.add_argument("--reps", type=int, default=0, help="timed runs per engine on the tiny model, best kept "

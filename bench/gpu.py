@@ -43,6 +43,7 @@ from nanogrpo.config import ModelConfig
 from nanogrpo.grpo import token_logprobs
 from nanogrpo.model import Qwen2
 from nanogrpo.optim import CPUOffloadAdamW, param_groups
+from nanogrpo.runconfig import RunConfig
 from nanogrpo.weights import flatten_parameters
 
 QWEN15 = {**QWEN05, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
@@ -101,7 +102,6 @@ def bench_learner(shape: dict, groups: int, G: int, budget: int, reps: int, devi
             t_ours.append(time.perf_counter() - t)
         del ours
         reset_peak_mem(device)
-        from nanogrpo.runconfig import RunConfig
         cfg = RunConfig()
         peer = DevicePeer(d, cfg.clip_low, cfg.clip_high, device)
         gn_peer = peer.step(batches, tok_den)["grad_norm"]
@@ -124,7 +124,7 @@ def bench_learner(shape: dict, groups: int, G: int, budget: int, reps: int, devi
     return res
 
 
-def optimizer_memory(shape: dict, device, rows: int, seq: int) -> dict | None:
+def optimizer_memory(shape: dict, device, rows: int, seq: int) -> dict:
     """Peak device memory of one training step (weights, gradients, optimizer state, activations)
     with the same model, batch and loss, differing only in where the optimizer keeps its state:
       offload  bf16 weights and gradients on the device, fp32 masters + moments on the CPU
@@ -133,7 +133,7 @@ def optimizer_memory(shape: dict, device, rows: int, seq: int) -> dict | None:
     The second step is measured (optimizer state exists by then). On a CPU the steps run (the
     smoke test) but there is no peak to read: the byte counts are None."""
     on_gpu = torch.device(device).type == "cuda"
-    ids = torch.randint(2, shape["vocab_size"], (rows, seq), device=device, )
+    ids = torch.randint(2, shape["vocab_size"], (rows, seq), device=device)
     out = {"rows": rows, "seq": seq}
     for side in ("offload", "peer"):
         torch.manual_seed(0)
@@ -210,6 +210,9 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible to torch here (use --device cpu for a smoke run)")
+    if device.type == "cpu" and torch.cuda.is_available():
+        ap.error("--device cpu: a CUDA device is visible, and the learner would still train on it; "
+                 "hide it for a CPU run (CUDA_VISIBLE_DEVICES= python -m bench.gpu --device cpu ...)")
     import transformers
 
     transformers.logging.set_verbosity_error()
