@@ -38,7 +38,7 @@ import torch
 
 from bench.generate import QWEN05, TINY, bench_shape, matmul_peak, sync
 from bench.learner import Ours, Peer, make_table, matmul_params, peer_batches
-from bench.scaling import SyncPeer, _timed, empty_model, publish_load_s
+from bench.scaling import SyncPeer, _timed, empty_model, publish_load
 from nanogrpo.config import ModelConfig
 from nanogrpo.grpo import token_logprobs
 from nanogrpo.model import Qwen2
@@ -187,13 +187,13 @@ def bench_sync(cfg: dict, device, reps: int) -> dict:
     ref = round_trip_s(flat, device)
     res = {"state_bytes": nbytes, "round_trip_s": ref}
     gpu_share = 0.5 if torch.device(device).type == "cuda" else 0
-    for n in (1, 2):
-        peers = [SyncPeer.options(num_gpus=gpu_share).remote(cfg, str(device)) for _ in range(n)]
-        best = publish_load_s(model, peers, reps)
+
+    def make_peer():  # a rollout worker's share of the one GPU
+        return SyncPeer.options(num_gpus=gpu_share).remote(cfg, str(device))
+
+    for n, best in publish_load(model, (1, 2), reps, make_peer).items():
         res[f"publish_load_s_{n}_workers"] = best
         res[f"vs_round_trip_{n}_workers"] = best / ref
-        for p in peers:
-            ray.kill(p)
     return res
 
 

@@ -118,22 +118,28 @@ class SyncPeer:
         return time.perf_counter() - t0
 
 
-def publish_load_s(model: Qwen2, peers: list, reps: int) -> float:
-    """Best time over `reps` versions to publish (pack + one ray.put) and load on every peer.
-    Steady state: 3 untimed versions first (the first puts fault in fresh object-store pages), and
-    versions 0.5 s apart, as a run publishes once per learner step. Back-to-back 1.3 GB puts 80 ms
-    apart outran Ray's release of the versions before them: a put then stalled for 0.5-2.5 s (every
-    third one with 1 worker)."""
-    best = float("inf")
-    for v in range(-3, reps):
-        t0 = time.perf_counter()
-        ref = [ray.put(pack(model, v, copy=False))]
-        ray.get([p.load.remote(ref) for p in peers])
-        if v >= 0:
-            best = min(best, time.perf_counter() - t0)
-        del ref
-        time.sleep(0.5)
-    return best
+def publish_load(model: Qwen2, workers: tuple[int, ...], reps: int, make_peer) -> dict[int, float]:
+    """For each worker count n: the best time over `reps` versions to publish (pack + one ray.put)
+    and load on n peers from make_peer(). Steady state: 3 untimed versions first (the first puts
+    fault in fresh object-store pages), and versions 0.5 s apart, as a run publishes once per
+    learner step. Back-to-back 1.3 GB puts 80 ms apart outran Ray's release of the versions before
+    them: a put then stalled for 0.5-2.5 s (every third one with 1 worker)."""
+    out = {}
+    for n in workers:
+        peers = [make_peer() for _ in range(n)]
+        best = float("inf")
+        for v in range(-3, reps):
+            t0 = time.perf_counter()
+            ref = [ray.put(pack(model, v, copy=False))]
+            ray.get([p.load.remote(ref) for p in peers])
+            if v >= 0:
+                best = min(best, time.perf_counter() - t0)
+            del ref
+            time.sleep(0.5)
+        out[n] = best
+        for p in peers:
+            ray.kill(p)
+    return out
 
 
 def weight_sync(cfg: dict, reps: int) -> dict:
@@ -144,13 +150,9 @@ def weight_sync(cfg: dict, reps: int) -> dict:
     dst = torch.empty_like(flat)
     memcpy = min(_timed(lambda: dst.copy_(flat)) for _ in range(5))
     res = {"state_bytes": nbytes, "memcpy_s": memcpy, "memcpy_GBps": nbytes / memcpy / 1e9}
-    for n in (1, 2, 4):
-        peers = [SyncPeer.remote(cfg) for _ in range(n)]
-        best = publish_load_s(model, peers, reps)
+    for n, best in publish_load(model, (1, 2, 4), reps, lambda: SyncPeer.remote(cfg)).items():
         res[f"publish_load_s_{n}_workers"] = best
         res[f"vs_memcpy_{n}_workers"] = best / memcpy
-        for p in peers:
-            ray.kill(p)
     return res
 
 
