@@ -104,16 +104,23 @@ def decode_bandwidth(shape: dict, dtype, new_tokens: int = 32) -> dict:
             "bytes_per_step": weight_bytes + kv_bytes, "decode_GBps": (weight_bytes + kv_bytes) / step_s / 1e9}
 
 
+def empty_model(cfg: ModelConfig | dict, dtype, device="cpu") -> Qwen2:
+    """Right shapes, uninitialised values: a matmul's or a copy's speed does not depend on them."""
+    cfg = ModelConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty from meta unties them
+    return model
+
+
 def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat16) -> Qwen2:
     """N(0, 0.02) weights, unit norms, zero biases. Stored in bf16 (both engines then load and
     cast the same bits); matrices are filled from one pool of 2^22 normal draws at random offsets,
     because drawing all 494M values of the 0.5B shape takes ~15 s on 2 cores and the speed of a
     matmul does not depend on the values."""
-    with torch.device("meta"):
-        model = Qwen2(cfg)
-    model = model.to_empty(device="cpu").to(dtype)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty unties
+    model = empty_model(cfg, dtype)
     gen = torch.Generator().manual_seed(seed)
     pool = torch.randn(1 << 22, generator=gen).mul_(0.02).to(dtype)
     with torch.no_grad():

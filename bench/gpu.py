@@ -36,9 +36,9 @@ from pathlib import Path
 import ray
 import torch
 
-from bench.generate import QWEN05, TINY, bench_shape, matmul_peak, sync
+from bench.generate import QWEN05, TINY, bench_shape, empty_model, matmul_peak, sync
 from bench.learner import Ours, Peer, make_table, matmul_params, peer_batches
-from bench.scaling import SyncPeer, _timed, empty_model, publish_load
+from bench.scaling import SyncPeer, _timed, publish_load
 from nanogrpo.config import ModelConfig
 from nanogrpo.grpo import token_logprobs
 from nanogrpo.model import Qwen2
@@ -77,6 +77,19 @@ class DevicePeer(Peer):
             return super().step(batches, tok_den)
 
 
+def timed_steps(step, args: tuple, reps: int, device) -> tuple[float, list[float]]:
+    """One untimed step (first use: kernels, optimizer state) -> its grad norm, then `reps` timed steps."""
+    grad_norm = step(*args)["grad_norm"]
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        step(*args)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return grad_norm, times
+
+
 def bench_learner(shape: dict, groups: int, G: int, budget: int, reps: int, device, peak: float) -> dict:
     """Ours vs the peer: each side's first step untimed, then `reps` timed steps, best kept."""
     table = make_table(groups, G, shape["vocab_size"], seed=0)
@@ -92,26 +105,12 @@ def bench_learner(shape: dict, groups: int, G: int, budget: int, reps: int, devi
         Qwen2.from_config(shape, seed=0).save_pretrained(d)
         ours = Ours(d, G, groups, budget, threads=torch.get_num_threads())
         n_mm = matmul_params(ours.model, shape)
-        gn_ours = ours.step(table)["grad_norm"]  # first use (kernels, optimizer state) not timed
-        sync(device)
-        t_ours = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            ours.step(table)
-            sync(device)
-            t_ours.append(time.perf_counter() - t)
+        gn_ours, t_ours = timed_steps(ours.step, (table,), reps, device)
         del ours
         reset_peak_mem(device)
         cfg = RunConfig()
         peer = DevicePeer(d, cfg.clip_low, cfg.clip_high, device)
-        gn_peer = peer.step(batches, tok_den)["grad_norm"]
-        sync(device)
-        t_peer = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            peer.step(batches, tok_den)
-            sync(device)
-            t_peer.append(time.perf_counter() - t)
+        gn_peer, t_peer = timed_steps(peer.step, (batches, tok_den), reps, device)
         del peer
         reset_peak_mem(device)
     to, tp = min(t_ours), min(t_peer)

@@ -27,23 +27,10 @@ from pathlib import Path
 import ray
 import torch
 
-from nanogrpo.config import ModelConfig
+from bench.generate import QWEN05, empty_model
 from nanogrpo.model import Qwen2
 from nanogrpo.tiny import TINY_MODEL_CONFIG, write_tiny_model_dir
 from nanogrpo.weights import flatten_parameters, pack, unpack_into
-
-QWEN05 = dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-              num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, torch_dtype="bfloat16")
-
-
-def empty_model(cfg: dict, dtype, device="cpu") -> Qwen2:
-    """Right shapes, uninitialised values: sync cost does not depend on the numbers."""
-    with torch.device("meta"):
-        m = Qwen2(ModelConfig.from_dict(cfg))
-    m = m.to_empty(device=device).to(dtype)
-    if m.config.tie_word_embeddings:
-        m.lm_head.weight = m.model.embed_tokens.weight  # to_empty from meta unties them
-    return m
 
 
 # ----------------------------------------------------------------------------- rollout scaling

@@ -157,6 +157,7 @@ class PromptKV:
         self.k, self.v = (k, v) if self.replaying else ({}, {})
         self.lengths = lengths  # (N,) real tokens per replayed row, or None: all of them
         self._flat = None  # (n,) positions of the real tokens in the flattened (N * T) input
+        self._shape = None  # (N, T) of that input; both set by the first pack()
 
     def replay(self, lengths: torch.Tensor | None = None) -> "PromptKV":
         """The completions' side. lengths (N,): only the first lengths[r] tokens of row r are real;
