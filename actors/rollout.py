@@ -17,6 +17,7 @@ import torch
 from nanogrpo.checkpoint import local_model_dir
 from nanogrpo.episode import group_batch
 from nanogrpo.generate import generate
+from nanogrpo.heap import keep_heap
 from nanogrpo.model import Qwen2
 from nanogrpo.tasks import load_task
 from nanogrpo.tokenizer import Tokenizer
@@ -45,6 +46,7 @@ class RolloutWorker:
                  threads: int, sampling: dict, buffer, num_test: int | None = None, put_timeout: float = 120.0,
                  model_files: list | None = None):
         torch.set_num_threads(threads)
+        keep_heap()  # no page-fault storms from the same tensors freed and reallocated every batch
         if not (Path(model_dir) / "config.json").is_file() and model_files and model_files[0] is not None:
             model_dir = local_model_dir(model_dir, ray.get(model_files[0]))  # node without the driver's files
         os.environ["OMP_NUM_THREADS"] = str(threads)

@@ -24,10 +24,12 @@ from learner.broadcast import free_port
 from nanogrpo.checkpoint import load_run_state, local_model_dir, save_run_checkpoint
 from nanogrpo.episode import group_tensors
 from nanogrpo.grpo import group_advantages, grpo_loss, token_logprobs
+from nanogrpo.heap import keep_heap
 from nanogrpo.model import Qwen2
 from nanogrpo.optim import CPUOffloadAdamW, clip_grad_norm_, param_groups
 from nanogrpo.runconfig import RunConfig
 from nanogrpo.weights import CollectiveGroup, digest, flatten_parameters, pack
+
 
 def micro_batches(prompt_lens: list[int], completion_lens: list[int], rows_per_group: int,
                   token_budget: int) -> list[list[int]]:
@@ -65,6 +67,7 @@ class LearnerCore:
         self.cfg = RunConfig(**cfg)
         # Threads: as asked, else the cores of *this* node that co-located rollout workers leave free.
         torch.set_num_threads(threads if threads > 0 else auto_threads(os.cpu_count() or 1, colocated_threads))
+        keep_heap()  # no page-fault storms from the same activations freed and reallocated every micro-batch
         if not (Path(model_dir) / "config.json").is_file() and model_files and model_files[0] is not None:
             model_dir = local_model_dir(model_dir, ray.get(model_files[0]))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
