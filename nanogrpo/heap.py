@@ -4,7 +4,7 @@ A rollout worker or CPU learner allocates and frees tensors of the same few size
 times a minute. glibc's malloc adapts its thresholds to the history of each process: after some
 histories it keeps trimming the top of the heap (returning pages to the OS) and faulting the same
 pages back in a moment later. On 2 cores one worker in a few was seen taking ~20,000 minor page
-faults a second (0.6 s of system time per 10 s, a ~6 % loss) while its twin took ~100.
+faults a second (0.6 s of system time per 10 s, a ~6 % loss) while the others took ~3,000.
 Fixing the thresholds removes those storms: blocks under 32 MiB come from the heap, and the heap
 is trimmed only when more than 128 MiB at its top are free.
 """
