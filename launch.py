@@ -259,10 +259,13 @@ def run(cfg, given: set[str]) -> Path:
     restarts = int(state.get("worker_restarts", 0))
     eval_hist = []
     if not ckpt:
+        t0 = time.perf_counter()
+        if not cfg.quiet:
+            log(f"step 0: greedy pass@1 on {len(task.test)} held-out prompts ...")
         e0 = evaluate()
         eval_hist.append((0, e0))
         metrics_log.write({"step": 0, "eval_success": e0, "wall_time": 0.0})
-        log(f"step 0: held-out greedy success {e0:.3f} ({len(task.test)} prompts)")
+        log(f"step 0: held-out greedy success {e0:.3f} ({len(task.test)} prompts, {time.perf_counter() - t0:.1f}s)")
 
     step, dispatch_step = start_step, start_step
     # Learner steps queued on the actor, oldest first: (buffer take, train_step). With k >= 1 the next
@@ -403,9 +406,12 @@ def run(cfg, given: set[str]) -> Path:
             last_metrics = row
             if not cfg.quiet:
                 ev = f" | eval {row['eval_success']:.3f}" if "eval_success" in row else ""
+                trained = (f"| kl {row.get('kl', 0):.4f} | ent {row['entropy']:.3f} | len {row['response_len']:.1f} "
+                           f"| stale {row['staleness_mean']:.2f} | gap {row['logprob_gap']:.2e}"
+                           if row["train_tokens"] else
+                           f"| len {row['response_len']:.1f} | nothing trained: every group's rewards were equal")
                 log(f"step {step}/{cfg.steps} | reward {row['reward_mean']:.3f} | success {row['success_rate']:.3f}{ev} "
-                    f"| kl {row.get('kl', 0):.4f} | ent {row.get('entropy', 0):.3f} | len {row['response_len']:.1f} "
-                    f"| stale {row['staleness_mean']:.2f} | gap {row['logprob_gap']:.2e} | {row['time_step']:.2f}s")
+                    f"{trained} | {row['time_step']:.2f}s")
             if metrics.get("skipped_in_a_row", 0) >= cfg.max_skipped_steps:
                 raise TrainingAborted(f"{int(metrics['skipped_in_a_row'])} consecutive steps had a non-finite loss or "
                                       "gradient (weights left untouched); stopping. Lower --lr or check the data; "

@@ -219,7 +219,7 @@ class LearnerCore:
             "zero_var_frac": float(zero_var.float().mean()), "skipped_step": float(skipped),
             "staleness_mean": float((self.version - 1 - versions).float().mean()),
             "staleness_max": float((self.version - 1 - versions).max()),
-            "logprob_gap": gap_sum / max(gap_n, 1),
+            "logprob_gap": gap_sum / gap_n if gap_n else float("nan"),  # nan: no token trained this step
             "logprob_gap_onpolicy": gap_on_sum / gap_on_n if gap_on_n else float("nan"),
             "train_tokens": float(n_tok), "learner_idle_s": idle, "version": self.version,
             "skipped_in_a_row": self.skipped_in_a_row,

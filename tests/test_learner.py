@@ -5,6 +5,7 @@ group's prompt once for its G completions, runs the lm_head only where a complet
 predicted, and scales every micro-batch by the whole batch's denominators. None of that may change the update: one step must leave the same weights as
 a single full-batch loss over full logits followed by `torch.optim.AdamW`.
 """
+import math
 import random
 import time
 
@@ -89,6 +90,22 @@ def test_micro_batched_step_equals_full_batch_reference(model_dir, loss_agg):
         if name.endswith("k_proj.bias"):
             continue  # softmax ignores a per-query constant: this gradient is 0 up to rounding
         torch.testing.assert_close(p, q, rtol=0, atol=5e-5, msg=name)
+
+
+def test_a_step_without_reward_spread_trains_nothing_and_says_so(model_dir):
+    """Groups whose rewards are all equal carry no advantage. With KL and entropy off they are left
+    out: the weights stay as they were, the version still advances, and the metrics say that no
+    token was trained (the log-prob gap is missing, not a perfect 0)."""
+    core = LearnerCore(vars(RunConfig(lr=1e-3, group_size=G, max_new_tokens=16)), str(model_dir), threads=1)
+    table = episodes(Qwen2.from_pretrained(model_dir), 3, seed=2)
+    col = table.schema.get_field_index("reward")
+    table = table.set_column(col, "reward", pa.array([0.5] * table.num_rows, table.schema.field(col).type))
+    before = {n: p.detach().clone() for n, p in core.model.named_parameters()}
+    metrics, _ = core.train_step(table)
+    assert metrics["zero_var_frac"] == 1.0 and metrics["train_tokens"] == 0 and metrics["version"] == 1
+    assert math.isnan(metrics["logprob_gap"]) and "entropy" not in metrics
+    for n, p in core.model.named_parameters():
+        assert torch.equal(p, before[n]), n
 
 
 def test_micro_batches_cover_every_group_once_under_the_budget():
