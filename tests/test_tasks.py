@@ -311,6 +311,26 @@ def test_parquet_malformed_row(tmp_path, target, nums, why):
     assert rows == [{"nums": [1, 4], "target": 5}]
 
 
+def test_data_files_read_as_parquet_or_json_lines(shared_dir, tmp_path):
+    """Guards against a task that reads only the form its data happened to ship in: the same rows
+    come back from parquet and from JSON lines, whatever the file is called, for both tasks."""
+    cd = pq.read_table(shared_dir / "data/countdown/train.parquet").slice(0, 300)
+    pq.write_table(cd, tmp_path / "cd.parquet")
+    (tmp_path / "cd.data").write_text("".join(json.dumps(r) + "\n" for r in cd.to_pylist()))
+    assert countdown.load_countdown(tmp_path / "cd.data") == countdown.load_countdown(tmp_path / "cd.parquet")
+    g = gsm8k.load_gsm8k(shared_dir / "data/gsm8k/test.jsonl")
+    lines = (shared_dir / "data/gsm8k/test.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines if x.strip()]
+    pq.write_table(pa.Table.from_pylist([{**r, "extra": 1} for r in records]), tmp_path / "g.jsonl")  # misnamed
+    assert gsm8k.load_gsm8k(tmp_path / "g.jsonl") == g
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"target": 5, "nums": [1, 4]}) + "\n" + json.dumps({"nums": [2]}))
+    with pytest.raises(ValueError, match=r"bad\.jsonl: line 2: target is null"):
+        countdown.load_countdown(tmp_path / "bad.jsonl")
+    (tmp_path / "bin").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ValueError, match="neither a parquet file nor UTF-8 JSON lines"):
+        gsm8k.load_gsm8k(tmp_path / "bin")
+
+
 # --------------------------------------------------------------------------- gsm8k
 
 def test_load_gsm8k(shared_dir):

@@ -59,7 +59,7 @@ def split_heldout(rows: list[dict], num_test: int, seed: int, key: Callable[[dic
 
 def load_task(spec: str = "arithmetic", data: str | None = None, *, seed: int = 0,
               num_test: int | None = None, on_bad_row: str = "error") -> Task:
-    """Build a task by name. `data` is a file path (countdown: parquet, gsm8k: jsonl);
+    """Build a task by name. `data` is a file path (parquet or JSON lines, see tasks/records.py);
     `num_test=None` uses the task's own default held-out size; `seed` fixes the split (and the
     procedural Countdown pool when `data` is None)."""
     if ":" in spec:

@@ -21,10 +21,10 @@ Scoring rules (`score`), chosen so a reward cannot be farmed by hedging or by fo
 from __future__ import annotations
 
 import random
-import warnings
 from fractions import Fraction
 from pathlib import Path
 
+from nanogrpo.tasks.records import load_records
 from nanogrpo.tasks.safe_expr import MAX_LITERAL_DIGITS, solves
 
 FORMAT_WEIGHT = 0.1     # small: enough to teach the tags early, never worth more than a solve
@@ -98,41 +98,14 @@ def example_key(example: dict) -> tuple:
 # --------------------------------------------------------------------------- data file
 
 def load_countdown(path: str | Path, on_bad_row: str = "error") -> list[dict]:
-    """Read the HF parquet schema `target: int64, nums: list<int64>` into plain dicts."""
-    import pyarrow as pa          # imported here: pyarrow is heavy and only this path needs it
-    import pyarrow.parquet as pq
-
-    if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"countdown data file {path} does not exist "
-                                "(expected a parquet file with columns target, nums)")
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from e
-    missing = [c for c in ("target", "nums") if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; expected columns "
-                         f"'target' (int64) and 'nums' (list<int64>), found {table.column_names}")
-    rows, bad = [], []
-    for i, (t, ns) in enumerate(zip(table.column("target").to_pylist(),
-                                    table.column("nums").to_pylist())):
+    """Read Countdown problems, `target: int, nums: list[int]` per row, from the HF parquet
+    (`target: int64, nums: list<int64>`) or JSON lines, into plain dicts."""
+    def clean(record: dict) -> tuple[dict | None, str]:
+        t, ns = record.get("target"), record.get("nums")
         row, why = _clean_row(t, ns)
-        if row is not None:
-            rows.append(row)
-            continue
-        if on_bad_row == "error":
-            raise ValueError(f"{path}: row {i}: {why} (target={t!r}, nums={ns!r}); pass "
-                             "on_bad_row='skip' to drop malformed rows")
-        bad.append((i, why))
-    if bad:
-        warnings.warn(f"{path}: skipped {len(bad)} malformed row(s); first: row {bad[0][0]}: "
-                      f"{bad[0][1]}", stacklevel=2)
-    if not rows:
-        raise ValueError(f"{path}: no usable rows")
-    return rows
+        return row, (why and f"{why} (target={t!r}, nums={ns!r})")
+    return load_records(path, clean, fields=("target", "nums"), what="countdown", on_bad_row=on_bad_row,
+                        expected="parquet or JSON lines with fields target (int) and nums (list of ints)")
 
 
 def _as_int(x) -> int | None:

@@ -1,6 +1,6 @@
 """GSM8K: grade-school word problems with a numeric final answer (Cobbe et al., 2021).
 
-Data: JSON lines `{"question": str, "answer": str}`, the reference final answer after the last
+Data: JSON lines `{"question": str, "answer": str}` (or parquet with those columns), the reference final answer after the last
 `####` (e.g. "#### 1,450,000"). Examples become {"question", "answer" (full rationale),
 "target" (the final number as a canonical string, e.g. "1450000")}; a string keeps examples
 JSON-able while `Fraction(target)` stays exact.
@@ -20,11 +20,11 @@ number (the answer was explicitly marked); total = 0.1 * format + 1.0 * answer.
 """
 from __future__ import annotations
 
-import json
 import re
-import warnings
 from fractions import Fraction
 from pathlib import Path
+
+from nanogrpo.tasks.records import load_records
 
 FORMAT_WEIGHT = 0.1
 ANSWER_WEIGHT = 1.0
@@ -156,41 +156,13 @@ def _canonical(value: Fraction) -> str:
 
 
 def load_gsm8k(path: str | Path, on_bad_row: str = "error") -> list[dict]:
-    """Read GSM8K JSON lines; a bad line is an error naming its 1-based number, or skipped."""
-    if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"gsm8k data file {path} does not exist "
-                                '(expected JSON lines {"question": ..., "answer": "... #### N"})')
-    rows, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline) are not rows
-            row, why = _parse_line(line)
-            if row is not None:
-                rows.append(row)
-            elif on_bad_row == "error":
-                raise ValueError(f"{path}: line {lineno}: {why}; pass on_bad_row='skip' to drop "
-                                 "malformed lines")
-            else:
-                bad.append((lineno, why))
-    if bad:
-        warnings.warn(f"{path}: skipped {len(bad)} malformed line(s); first: line {bad[0][0]}: "
-                      f"{bad[0][1]}", stacklevel=2)
-    if not rows:
-        raise ValueError(f"{path}: no usable rows")
-    return rows
+    """Read GSM8K problems, `question: str, answer: str` per row, from JSON lines or the HF
+    parquet; a bad row is an error naming it, or skipped."""
+    return load_records(path, _clean_record, fields=("question", "answer"), what="gsm8k", on_bad_row=on_bad_row,
+                        expected='JSON lines {"question": ..., "answer": "... #### N"} or parquet with those columns')
 
 
-def _parse_line(line: str) -> tuple[dict | None, str]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return None, f"invalid JSON ({e.msg} at column {e.colno})"
-    if not isinstance(obj, dict):
-        return None, f"expected a JSON object, got {type(obj).__name__}"
+def _clean_record(obj: dict) -> tuple[dict | None, str]:
     q, a = obj.get("question"), obj.get("answer")
     if not isinstance(q, str) or not isinstance(a, str):
         return None, 'expected string fields "question" and "answer"'
