@@ -146,11 +146,14 @@ def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from
 
     where = ray.util.placement_group_table(pg)["bundles_to_node_id"]
     colocated = sum(cfg.threads_per_worker for i in range(1, W + 1) if where[i] == where[0])
-    # Small models travel with the actors, so nodes that cannot see the driver's disk still load them.
-    files = read_dir_files(model_dir, 1 << 30)
+    # Small models travel with the actors, so nodes that cannot see the driver's disk still load them. Only
+    # when an actor lands off the driver's node: Ray logs an error for object refs among restartable actors' args.
+    driver_node = ray.get_runtime_context().get_node_id()
+    files = read_dir_files(model_dir, 1 << 30) if any(n != driver_node for n in where.values()) else None
     model_files = [ray.put(files) if files is not None else None]
 
-    buffer = EpisodeBuffer.options(max_concurrency=1000).remote(
+    buffer_name = f"nanogrpo-buffer-{os.getpid()}-{time.time_ns()}"  # workers find it by name (see RolloutWorker)
+    buffer = EpisodeBuffer.options(name=buffer_name, max_concurrency=1000).remote(
         cfg.buffer_capacity or 4 * cfg.prompts_per_step, str(run_dir / "episodes"), counters)
     learner = Learner.options(num_cpus=1, num_gpus=learner_gpus, scheduling_strategy=on(0)).remote(
         vars(cfg), model_dir, cfg.learner_threads, resume_from, model_files, colocated)
@@ -158,7 +161,7 @@ def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from
                 "top_k": cfg.top_k, "top_p": cfg.top_p}
     workers = [RolloutWorker.options(num_cpus=1, num_gpus=cfg.gpus_per_worker, scheduling_strategy=on(i + 1),
                                      max_restarts=-1, max_task_retries=0).remote(
-        i, model_dir, cfg.task, cfg.data, cfg.seed, cfg.threads_per_worker, sampling, buffer, cfg.num_test,
+        i, model_dir, cfg.task, cfg.data, cfg.seed, cfg.threads_per_worker, sampling, buffer_name, cfg.num_test,
         cfg.sync_timeout, model_files) for i in range(W)]
     info = ray.get([learner.node_info.remote()] + [w.ready.remote() for w in workers], timeout=cfg.sync_timeout * 2)
     return pg, buffer, learner, workers, info

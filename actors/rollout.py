@@ -58,7 +58,9 @@ class RolloutWorker:
         self.task = load_task(task_spec, task_data, seed=seed, num_test=num_test, on_bad_row="skip")
         self.sampling = sampling  # group_size, max_new_tokens, temperature, top_k, top_p
         self.seed = seed
-        self.buffer = buffer
+        # The EpisodeBuffer's handle, or its name as a named actor: launch passes the name, since a handle
+        # among a restartable actor's arguments makes Ray log an error at every start.
+        self.buffer = ray.get_actor(buffer) if isinstance(buffer, str) else buffer
         self.put_timeout = put_timeout
         self.version = -1
         self.stops = stop_ids(self.tok)
