@@ -409,8 +409,9 @@ def run(cfg, given: set[str]) -> Path:
             last_metrics = row
             if not cfg.quiet:
                 ev = f" | eval {row['eval_success']:.3f}" if "eval_success" in row else ""
-                trained = (f"| kl {row.get('kl', 0):.4f} | ent {row['entropy']:.3f} | len {row['response_len']:.1f} "
-                           f"| stale {row['staleness_mean']:.2f} | gap {row['logprob_gap']:.2e}"
+                trained = (f"| kl {row.get('kl', 0):.4f} | ent {row['entropy']:.3f} "
+                           f"| len {row['response_len']:.1f} | stale {row['staleness_mean']:.2f} "
+                           f"| gap {row['logprob_gap']:.2e}"
                            if row["train_tokens"] else
                            f"| len {row['response_len']:.1f} | nothing trained: every group's rewards were equal")
                 log(f"step {step}/{cfg.steps} | reward {row['reward_mean']:.3f} | success {row['success_rate']:.3f}{ev} "

@@ -21,7 +21,8 @@ class RunConfig:
     model: str = opt("tiny", "HF checkpoint directory (config.json + model.safetensors + tokenizer files), "
                      "or 'tiny' for the built-in tiny Qwen2 and character tokenizer")
     task: str = opt("arithmetic", "task: arithmetic (built-in, tiny model) | countdown | gsm8k | module:function")
-    data: str | None = opt(None, "task data file, parquet or JSON lines (countdown: target, nums; gsm8k: question, answer); none = built-in/procedural")
+    data: str | None = opt(None, "task data file, parquet or JSON lines (countdown: target, nums; "
+                           "gsm8k: question, answer); none = built-in/procedural")
     on_bad_row: str = opt("error", "a malformed data row: 'error' stops with its index, 'skip' skips it",
                           choices=("error", "skip"))
     num_test: int | None = opt(None, "held-out prompts for greedy pass@1 eval (default: the task's own)")

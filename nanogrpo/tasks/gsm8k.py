@@ -1,9 +1,9 @@
 """GSM8K: grade-school word problems with a numeric final answer (Cobbe et al., 2021).
 
-Data: JSON lines `{"question": str, "answer": str}` (or parquet with those columns), the reference final answer after the last
-`####` (e.g. "#### 1,450,000"). Examples become {"question", "answer" (full rationale),
-"target" (the final number as a canonical string, e.g. "1450000")}; a string keeps examples
-JSON-able while `Fraction(target)` stays exact.
+Data: JSON lines `{"question": str, "answer": str}` (or parquet with those columns), the
+reference final answer after the last `####` (e.g. "#### 1,450,000"). Examples become
+{"question", "answer" (full rationale), "target" (the final number as a canonical string, e.g.
+"1450000")}; a string keeps examples JSON-able while `Fraction(target)` stays exact.
 
 Prompt: the question plus the Qwen2.5-Math instruction to put the answer in \\boxed{}.
 Answer extraction (`extract_answer`), first rule that applies:

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 PARQUET_MAGIC = b"PAR1"
-Clean = Callable[[dict], "tuple[dict | None, str]"]
 
 
-def load_records(path: str | Path, clean: Clean, *, fields: tuple[str, ...], what: str, expected: str,
-                 on_bad_row: str = "error") -> list[dict]:
+def load_records(path: str | Path, clean: Callable[[dict], tuple[dict | None, str]], *, fields: tuple[str, ...],
+                 what: str, expected: str, on_bad_row: str = "error") -> list[dict]:
     """Every record of `path` passed through `clean(record) -> (row, "")` or `(None, why)`.
 
     `fields` are the names a record must carry (a parquet file lacking one is refused up front),
