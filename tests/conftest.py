@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: the ../shared data directory and one thread per torch process."""
+"""Shared pytest fixtures: the ../shared data directory and one thread per torch process; tests
+marked `gpu` are skipped (not failed, not silently passed) where torch sees no CUDA device."""
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,15 @@ import torch
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device, torch sees none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
 
 from nanogrpo.config import ModelConfig  # noqa: E402
 from nanogrpo.model import Qwen2  # noqa: E402
@@ -43,6 +42,7 @@ SAVE_CASES = {
 def test_save_loads_in_transformers_with_identical_logits(tmp_path, case):
     """Guards against config.json fields transformers reads differently (tie flag, head_dim, RoPE
     scaling, bias) and tensor names it does not recognise (it would re-init them silently)."""
+    transformers = pytest.importorskip("transformers")
     ours = random_model(**SAVE_CASES[case])
     ours.save_pretrained(tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -59,6 +59,7 @@ def test_save_loads_in_transformers_with_identical_logits(tmp_path, case):
 
 def test_sharded_save_loads_in_ours_and_transformers(tmp_path):
     """Guards against an index whose weight_map misses tensors or names the wrong shard."""
+    transformers = pytest.importorskip("transformers")
     ours = random_model(tie=False)
     ours.save_pretrained(tmp_path, max_shard_bytes=60_000)
     shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))

@@ -70,18 +70,45 @@ def _exposes(rule: dict, port: int) -> bool:
     return lo in (-1, None) or lo <= port <= hi
 
 
-def test_ray_ports_not_opened_to_the_internet(raw, prepared):
-    for cfg in (raw, prepared):
-        rules = cfg["provider"].get("security_group", {}).get("IpPermissions", [])
-        for port, what in PRIVATE_PORTS.items():
-            assert not any(_exposes(r, port) for r in rules), f"{what} port {port} open to the internet"
+def _open_ports(cfg: dict) -> list[str]:
+    rules = cfg["provider"].get("security_group", {}).get("IpPermissions", [])
+    return [f"{what} port {port}" for port, what in PRIVATE_PORTS.items() if any(_exposes(r, port) for r in rules)]
+
+
+def test_raw_file_opens_no_ray_port_to_the_internet(raw):
+    """Guards against the dashboard / GCS / Ray Client ports opened to 0.0.0.0/0 in the file as
+    written. Reads the YAML only, so it runs whatever Ray's private modules are called."""
+    assert _open_ports(raw) == []
     # The rule checker itself: these must count as exposed.
     assert _exposes({"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 9000,
                      "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, 8265)
     assert _exposes({"IpProtocol": "-1", "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}, 6379)
+    assert not _exposes({"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22,
+                         "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}, 8265)
+    assert _open_ports({"provider": {"security_group": {"IpPermissions": [
+        {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}]}}}) \
+        == ["dashboard / Jobs API port 8265"]
+
+
+def test_raw_file_keeps_dashboard_on_loopback_and_token_auth_on(raw):
+    """Guards against the file as written binding the dashboard beyond loopback or turning token
+    auth off; YAML only (no Ray import), so a Ray upgrade cannot skip it."""
+    head = " ".join(raw["head_start_ray_commands"])
+    start = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert len(start) == 2
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    assert all("RAY_AUTH_MODE=token" in c for c in start), "every node must agree on token auth"
+    assert "RAY_AUTH_MODE=disabled" not in yaml.safe_dump(raw)  # values only, not the comments
+    assert raw["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+
+
+def test_ray_ports_not_opened_after_ray_defaults_merge(prepared):
+    """Guards against Ray's AWS defaults, merged in by `ray up`, opening a Ray port."""
+    assert _open_ports(prepared) == []
 
 
 def test_dashboard_on_loopback_and_token_auth_on(raw, prepared):
+    """Guards against Ray's AWS defaults (which bind the dashboard to 0.0.0.0) winning over our start commands."""
     head = " ".join(prepared["head_start_ray_commands"])
     start = [c for c in prepared["head_start_ray_commands"] + prepared["worker_start_ray_commands"]
              if "ray start" in c]

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
 
 import nanogrpo.model as M  # noqa: E402
 from nanogrpo.model import Qwen2  # noqa: E402
@@ -50,6 +49,7 @@ def randomise_(model: torch.nn.Module, seed: int):
 
 
 def make_hf(case: str, seed: int = 0):
+    transformers = pytest.importorskip("transformers")
     cls_name, over = CASES[case]
     cfg = getattr(transformers, cls_name)(**{**BASE, **over})
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ from nanogrpo.optim import CPUOffloadAdamW, clip_grad_norm_, param_groups
 SHAPES = [(16, 8), (16,), (4, 16), (4,), (10, 8)]  # an MLP's weights/biases and an embedding
 GROUPS = [dict(idx=[0, 2, 4], lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99)),
           dict(idx=[1, 3], lr=3e-3, weight_decay=0.0)]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.gpu  # skipped without CUDA by the hook in conftest.py
 
 
 def _params(device="cpu", dtypes=None, seed=0):

@@ -9,7 +9,6 @@ from nanogrpo.tiny import (ENDOFTEXT, ENDOFTEXT_ID, TINY_CHARS, TINY_MODEL_CONFI
                            write_tiny_model_dir)
 from nanogrpo.tokenizer import ChatTemplateError, Tokenizer
 
-transformers = pytest.importorskip("transformers")
 
 # ---------------------------------------------------------------- fixtures (each 11 MB tokenizer loaded once)
 
@@ -21,6 +20,7 @@ def ours(qwen_tokenizer_dir) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def hf(qwen_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
 
 
@@ -223,6 +223,7 @@ def test_decode_accepts_tensors(ours):
 def test_qwen_save_pretrained_round_trip(ours, tmp_path):
     """Guards against save_pretrained writing files that lose the template or special tokens, or that
     transformers cannot load."""
+    transformers = pytest.importorskip("transformers")
     out = ours.save_pretrained(tmp_path / "saved")
     again = Tokenizer.from_pretrained(out)
     msgs = CONVERSATIONS["multi_turn"]
@@ -267,6 +268,7 @@ def test_tiny_loads_in_transformers(tmp_path):
     """Guards against tiny files that only our loader understands, and against transformers 5 silently
     re-tokenizing differently: next to a qwen2 config.json it ignores tokenizer_class and rebuilds the
     pipeline as a byte-level Qwen2Tokenizer from our vocab."""
+    transformers = pytest.importorskip("transformers")
     s = "(12+3)*4 = 60, 7-1/2:"
     tok_dir = build_tiny_tokenizer(tmp_path / "tok")
     model_dir = write_tiny_model_dir(tmp_path / "model")
@@ -283,6 +285,7 @@ def test_tiny_loads_in_transformers(tmp_path):
 def test_tiny_model_config(tmp_path):
     """Guards against a config whose vocab is smaller than the tokenizer's or whose special ids point at
     the wrong token, and against a config.json transformers would refuse or read differently."""
+    transformers = pytest.importorskip("transformers")
     d = write_tiny_model_dir(tmp_path / "model")
     tok = Tokenizer.from_pretrained(d)
     cfg = json.loads((d / "config.json").read_text())
@@ -301,6 +304,7 @@ def test_tiny_model_config(tmp_path):
 def test_chat_template_jinja_file_and_named_templates(tiny_dir):
     """Guards against ignoring newer HF saves (chat_template.jinja beside the config takes precedence) and
     against mis-reading the list-of-named-templates format (tools select 'tool_use')."""
+    transformers = pytest.importorskip("transformers")
     msgs = [{"role": "user", "content": "1,2"}]
     cfg_path = tiny_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
