@@ -25,6 +25,12 @@ from nanogrpo.weights import pack
 Worker = RolloutWorker.__ray_actor_class__  # the plain class Ray wraps
 
 
+def make_worker(model_dir, task: str, sampling: dict, buffer):
+    # (worker_id, model_dir, task_spec, task_data, seed, threads, sampling, buffer), positionally: mutmut's
+    # trampolines under Ray's method wrapper mishandle keyword arguments to __init__.
+    return Worker(0, str(model_dir), task, None, 0, 1, sampling, buffer)
+
+
 class RecordingBuffer:
     """EpisodeBuffer stand-in: `put.remote(batches, timeout)` records the batches."""
 
@@ -75,6 +81,17 @@ def test_qwen_stop_ids_are_the_end_of_turn_and_end_of_text_tokens(qwen_tokenizer
     assert [tok.decode([i]) for i in stop_ids(tok)] == ["<|endoftext|>", "<|im_end|>"]
 
 
+def test_prompt_ids_end_with_the_response_prefix(qwen_tokenizer_dir):
+    """Guards against `prompt_ids` dropping the task's response_prefix: the assistant turn must be
+    prefilled with it, right after the chat template's generation prompt."""
+    tok = Tokenizer.from_pretrained(qwen_tokenizer_dir)
+    task = load_task("countdown", None, seed=0, num_test=4)
+    ids = prompt_ids(tok, task, task.train[0])
+    msgs = tok.apply_chat_template(task.messages(task.train[0]), add_generation_prompt=True, tokenize=False)
+    assert tok.decode(ids) == msgs + countdown.RESPONSE_PREFIX
+    assert msgs.endswith("<|im_start|>assistant\n")
+
+
 def test_countdown_prefix_is_in_the_prompt_and_in_the_scored_text(qwen_model_dir, monkeypatch, no_object_store):
     """Guards against dropping Countdown's `response_prefix` from the prompt (the model is asked to
     start its turn from nothing) or from the scored text (every format reward becomes 0, since the
@@ -82,8 +99,7 @@ def test_countdown_prefix_is_in_the_prompt_and_in_the_scored_text(qwen_model_dir
     sampling without the tokenizer's stop ids."""
     tok = Tokenizer.from_pretrained(qwen_model_dir)
     seen = {}
-    worker = Worker(0, str(qwen_model_dir), "countdown", None, seed=0, threads=1, sampling=SAMPLING,
-                    buffer=RecordingBuffer())
+    worker = make_worker(qwen_model_dir, "countdown", SAMPLING, RecordingBuffer())
     examples = [worker.task.train[i] for i in (3, 8)]
     # The first two samples answer right (this example's own solution), the third wrongly.
     bodies = [[f" work </think>\n<answer>{countdown.solve(ex['nums'], ex['target'])}</answer>",
@@ -135,7 +151,7 @@ def test_episodes_carry_the_version_the_worker_generated_with(tiny_dir, no_objec
     switch read this label. Also guards against a worker that never loads a newer version."""
     buf = RecordingBuffer()
     sampling = {**SAMPLING, "temperature": 0.0}
-    worker = Worker(0, str(tiny_dir), "arithmetic", None, seed=0, threads=1, sampling=sampling, buffer=buf)
+    worker = make_worker(tiny_dir, "arithmetic", sampling, buf)
     v3 = perturbed(tiny_dir, 3)
     stats = worker.rollout([(0, 0, 0)], [pack(v3, 3)], 3)
     assert stats["version"] == 3 and {r["policy_version"] for r in buf.rows()} == {3}
@@ -154,8 +170,7 @@ def test_episodes_carry_the_version_the_worker_generated_with(tiny_dir, no_objec
 def test_worker_refuses_weights_whose_version_disagrees(tiny_dir, no_object_store):
     """Guards against loading an object whose packed version is not the one named, which would
     label episodes with a version their weights are not."""
-    worker = Worker(0, str(tiny_dir), "arithmetic", None, seed=0, threads=1, sampling=SAMPLING,
-                    buffer=RecordingBuffer())
+    worker = make_worker(tiny_dir, "arithmetic", SAMPLING, RecordingBuffer())
     with pytest.raises(RuntimeError, match="asked for weights v4, object holds v2"):
         worker.rollout([(0, 0, 0)], [pack(perturbed(tiny_dir, 2), 2)], 4)
 
@@ -166,8 +181,7 @@ def test_rollout_rows_match_the_declared_schema_and_stop_at_eos(tiny_dir, no_obj
     tok = Tokenizer.from_pretrained(tiny_dir)
     stops = stop_ids(tok)
     assert stops == sorted({ENDOFTEXT_ID, tok.convert_tokens_to_ids("<|im_end|>")}) and ENDOFTEXT_ID in stops
-    worker = Worker(0, str(tiny_dir), "arithmetic", None, seed=0, threads=1, sampling=SAMPLING,
-                    buffer=RecordingBuffer())
+    worker = make_worker(tiny_dir, "arithmetic", SAMPLING, RecordingBuffer())
     worker.rollout([(0, 0, 0), (1, 0, 1)], [None], -1)
     assert all(b.schema.equals(SCHEMA) for b in worker.buffer.batches)
     for r in worker.buffer.rows():
