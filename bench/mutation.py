@@ -103,6 +103,10 @@ def run_target(name: str, args, deadline: float) -> dict:
     label = args.tests_rev or "worktree"
     workdir = Path(args.workdir) / f"{name}-{label}"
     present = prepare(workdir, file, tests, args.tests_rev)
+    if not any(t.startswith("tests/") for t in present):  # none of its test files exist in that tests/
+        return {"target": name, "tests": label, "test_files": [], "mutants": None, "sampled": args.sample,
+                "killed": 0, "timeout": 0, "survived": [], "no_tests": args.sample, "unchecked": 0, "other": 0,
+                "score": 0.0}
     if not verdicts(workdir, file):  # generate the mutants and the test map; run none of them
         mutmut(workdir, ["run", "--max-children", str(args.max_children), "no-such-mutant"],
                max(1.0, deadline - time.time()))
@@ -155,7 +159,7 @@ def main(argv=None):
     for name in args.targets:
         r = run_target(name, args, deadline)
         results.append(r)
-        print(f"{name:<16} tests={r['tests']:<10} sampled {r['sampled']:>3}/{r['mutants']:<4} killed {r['killed']:>3} "
+        print(f"{name:<16} tests={r['tests']:<10} sampled {r['sampled']:>3}/{r['mutants'] or '?':<4} killed {r['killed']:>3} "
               f"timeout {r['timeout']:>2} survived {len(r['survived']):>3} no-tests {r['no_tests']:>2} "
               f"unchecked {r['unchecked']:>3}  score {r['score']:.2f}", flush=True)
         for n in r["survived"]:
