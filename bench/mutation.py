@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # target -> (file to mutate, mutant-name patterns inside it, test files that exercise it)
 TARGETS = {
     "grpo": ("nanogrpo/grpo.py", ["nanogrpo.grpo.*"],
-             ["tests/test_grpo.py", "tests/test_learner.py", "tests/test_learner_step.py"]),
+             ["tests/test_grpo.py", "tests/test_advantages.py", "tests/test_learner.py", "tests/test_learner_step.py"]),
     "generate": ("nanogrpo/generate.py", ["nanogrpo.generate.*"],
                  ["tests/test_generate.py", "tests/test_sampling.py"]),
     "learner-step": ("learner/learner.py",
