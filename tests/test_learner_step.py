@@ -66,7 +66,7 @@ def table_for(model: Qwen2, shapes, temperature: float, version: int, seed: int)
             lp = row_logprobs(model, prompt, comp, temperature)[0] + 0.3 * torch.randn(len(comp), generator=g)
             rows.append({"group_id": gid, "step": 0, "example_index": gid, "sample_index": i, "prompt_ids": prompt,
                          "completion_ids": comp, "logprobs": lp.tolist(), "response": "", "reward": float(rewards[i]),
-                         "reward_format": 1.0, "reward_answer": float(rewards[i] == 1), "finish_reason": "stop",
+                         "reward_format": float(i % 2), "reward_answer": float(rewards[i] == 1), "finish_reason": "stop",
                          "policy_version": version, "worker_id": 0, "gen_seconds": 0.0, "created_at": time.time()})
         batches.append(group_batch(rows))
     # Arrival order is not group order: the learner must sort.
@@ -102,6 +102,7 @@ def reference_grads(cfg: RunConfig, policy: Qwen2, table: pa.Table, ref_model=No
     n_tok = sum(len(r["completion_ids"]) for r in kept)
     policy.zero_grad(set_to_none=True)
     total = 0.0
+    stats = {"gap": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": n_tok}
     for r in kept:
         lp, ent = row_logprobs(policy, r["prompt_ids"], r["completion_ids"], cfg.temperature)
         old = torch.tensor(r["logprobs"], dtype=torch.float64)
@@ -116,7 +117,10 @@ def reference_grads(cfg: RunConfig, policy: Qwen2, table: pa.Table, ref_model=No
                 ref_lp, _ = row_logprobs(ref_model, r["prompt_ids"], r["completion_ids"], cfg.temperature)
             d = ref_lp - lp
             per_tok = per_tok + cfg.kl_coef * (torch.exp(d) - d - 1)
+            stats["kl"] += float((torch.exp(d) - d - 1).detach().sum()) / n_tok
         per_tok = per_tok - cfg.entropy_coef * ent
+        stats["gap"] += float((lp.detach() - old).abs().sum()) / n_tok
+        stats["entropy"] += float(ent.detach().sum()) / n_tok
         if cfg.loss_agg == "token-mean":
             loss = per_tok.sum() / n_tok
         elif cfg.loss_agg == "seq-mean-token-mean":
@@ -130,7 +134,7 @@ def reference_grads(cfg: RunConfig, policy: Qwen2, table: pa.Table, ref_model=No
     if cfg.max_grad_norm > 0:
         coef = min(1.0, cfg.max_grad_norm / (norm + 1e-6))
         grads = {n: g * coef for n, g in grads.items()}
-    return grads, norm, total
+    return grads, norm, stats
 
 
 def spy_optimizer(core: LearnerCore) -> dict:
@@ -186,13 +190,39 @@ def test_step_gradient_equals_full_batch_reference(model_dir, case):
     policy = Qwen2.from_pretrained(model_dir)
     table = table_for(policy, shapes, cfg.temperature, version=0, seed=2)
     metrics, _ = core.train_step(table)
-    ref, norm, loss = reference_grads(cfg, policy, table)
+    ref, norm, stats = reference_grads(cfg, policy, table)
     assert metrics["skipped_step"] == 0.0 and len(seen["grads"]) == 1
     if cfg.max_grad_norm:
         assert norm > 10 * cfg.max_grad_norm  # the clip is active in this test
     assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4)
     assert_grads_match(seen["grads"][0], ref)
     assert seen["lr"][0] == [cfg.lr] * len(seen["lr"][0])
+    check_metrics(metrics, table, stats, staleness=0)
+
+
+def check_metrics(metrics: dict, table: pa.Table, stats: dict, staleness: int):
+    """Guards against misreported step metrics (what the console, metrics.csv and the abort and
+    staleness checks read): each against its definition, from the table and the reference."""
+    rows = table.to_pylist()
+    rewards = torch.tensor([r["reward"] for r in rows], dtype=torch.float64)
+    expect = {
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "success_rate": sum(r["reward_answer"] == 1.0 for r in rows) / len(rows),
+        "format_rate": sum(r["reward_format"] > 0 for r in rows) / len(rows),
+        "response_len": sum(len(r["completion_ids"]) for r in rows) / len(rows),
+        "zero_var_frac": sum(len(set(g)) == 1 for g in REWARDS) / len(REWARDS),
+        "staleness_mean": float(staleness), "staleness_max": float(staleness),
+        "train_tokens": float(stats["tokens"]), "logprob_gap": stats["gap"], "entropy": stats["entropy"],
+        "skipped_step": 0.0, "skipped_in_a_row": 0,
+    }
+    if staleness == 0:
+        expect["logprob_gap_onpolicy"] = stats["gap"]
+    else:
+        assert math.isnan(metrics["logprob_gap_onpolicy"])  # no on-policy token in this step
+    if stats["kl"]:
+        expect["kl"] = stats["kl"]
+    for k, v in expect.items():
+        assert metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-7), k
 
 
 def two_step(model_dir, cfg: RunConfig, second_version: int):
@@ -219,9 +249,10 @@ def test_kl_penalty_to_the_initial_policy(model_dir):
     cfg = RunConfig(lr=1e-2, group_size=G, micro_batch_tokens=BUDGET, max_grad_norm=0.0, kl_coef=0.5,
                     max_new_tokens=16)
     _, seen, policy, table, metrics, init = two_step(model_dir, cfg, second_version=1)
-    ref, _, _ = reference_grads(cfg, policy, table, ref_model=init)
-    assert metrics["kl"] > 0
+    ref, _, stats = reference_grads(cfg, policy, table, ref_model=init)
+    assert metrics["kl"] > 0 and metrics["version"] == 2
     assert_grads_match(seen["grads"][0], ref)
+    check_metrics(metrics, table, stats, staleness=0)
     no_kl, _, _ = reference_grads(RunConfig(**{**vars(cfg), "kl_coef": 0.0, "drop_zero_var": False}), policy,
                                   table)
     diff = max(float((ref[n] - no_kl[n]).abs().max()) for n in ref)
@@ -236,8 +267,9 @@ def test_stale_episodes_use_decoupled_ppo(model_dir):
                     max_new_tokens=16)
     core, seen, policy, table, metrics, _ = two_step(model_dir, cfg, second_version=0)
     assert metrics["staleness_max"] == 1 and "tis_weight_mean" in metrics
-    ref, _, _ = reference_grads(cfg, policy, table, decoupled=True)
+    ref, _, stats = reference_grads(cfg, policy, table, decoupled=True)
     assert_grads_match(seen["grads"][0], ref)
+    check_metrics(metrics, table, stats, staleness=1)
     coupled, _, _ = reference_grads(cfg, policy, table, decoupled=False)
     assert max(float((ref[n] - coupled[n]).abs().max()) for n in ref) > 1e-3 * max(
         float(g.abs().max()) for g in ref.values())
