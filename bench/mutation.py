@@ -5,8 +5,8 @@
     flock /tmp/heavy.lock python -m bench.mutation --sample 40 --tests-rev 788e9d8   # older tests
 
 For each target (a module, or the functions of one that matter, each with only its relevant test
-files) the checkout is copied into a work directory (mutmut rewrites files: never the checkout
-itself), mutmut generates every mutant of the target file and maps tests to functions, and then a
+files) the committed tree (HEAD) is copied into a work directory (mutmut rewrites files: never the
+checkout itself), mutmut generates every mutant of the target file and maps tests to functions, and then a
 seeded random sample of the target's mutants is run (`--sample 0`: all of them; grpo.py alone has
 ~540, about 20 minutes on 2 cores). `--tests-rev REV` takes tests/ from another commit, so a before
 and after pair measures the same mutants against two test suites. mutmut caches verdicts in the
@@ -59,20 +59,18 @@ def prepare(workdir: Path, file: str, tests: list[str], tests_rev: str | None) -
     if workdir.exists():
         return json.loads((workdir / ".bench-tests.json").read_text())
     workdir.mkdir(parents=True)
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if tests_rev and f.startswith("tests/"):
+    # The committed tree, not the working tree: edits made while a run is going cannot leak into it.
+    for rev, paths in (("HEAD", []), (tests_rev, ["tests"])):
+        if rev is None:
             continue
-        if (ROOT / f).is_file():
-            (workdir / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, workdir / f)
-    if tests_rev:
-        archive = subprocess.run(["git", "archive", tests_rev, "tests"], cwd=ROOT, capture_output=True, check=True)
+        if paths:
+            shutil.rmtree(workdir / "tests", ignore_errors=True)
+        archive = subprocess.run(["git", "archive", rev, *paths], cwd=ROOT, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive.stdout, check=True)
     shared = ROOT.parent / "shared"
     if shared.is_dir():  # tests find ../shared beside their checkout: mutmut runs them in <workdir>/mutants
         (workdir / "shared").symlink_to(shared.resolve())
-    present = [t for i, t in enumerate(tests) if not t.startswith("tests/") or (workdir / t).is_file()]
+    present = [t for t in tests if not t.startswith("tests/") or (workdir / t).is_file()]
     conf = {"source_paths": ["nanogrpo/", "learner/", "actors/"], "only_mutate": [file],
             "also_copy": ["bench/", "launch.py"], "pytest_add_cli_args_test_selection": present,
             # -x: a mutant is killed by its first failing test; no per-test timeout (mutmut times out mutants)
@@ -100,7 +98,9 @@ def verdicts(workdir: Path, file: str) -> dict[str, int | None]:
 
 def run_target(name: str, args, deadline: float) -> dict:
     file, patterns, tests = TARGETS[name]
-    label = args.tests_rev or "worktree"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    label = args.tests_rev or head
     workdir = Path(args.workdir) / f"{name}-{label}"
     present = prepare(workdir, file, tests, args.tests_rev)
     if not any(t.startswith("tests/") for t in present):  # none of its test files exist in that tests/
@@ -147,7 +147,7 @@ def main(argv=None):
     ap.add_argument("--targets", nargs="*", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--sample", type=int, default=40, help="mutants per target, seeded (0 = all)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tests-rev", default=None, help="take tests/ from this commit (default: the checkout's)")
+    ap.add_argument("--tests-rev", default=None, help="take tests/ from this commit (default: HEAD's)")
     ap.add_argument("--workdir", default="/tmp/nanogrpo-mutation")
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=540, help="seconds for the whole call; rerun to continue")
