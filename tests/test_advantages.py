@@ -1,4 +1,5 @@
-"""group_advantages against hand-computed values: defaults, group size 2, integer rewards.
+"""group_advantages against hand-computed values (defaults, group size 2, integer rewards), and
+token_logprobs refusing T = 0.
 
 Written after a mutation run (bench/mutation.py) showed these mutants surviving the suite: the
 `scale_std` / `eps` defaults changed, the std skipped for groups of two, rewards not promoted to a
@@ -54,3 +55,13 @@ def test_integer_and_half_precision_rewards_are_promoted():
     assert adv.dtype == torch.float32
     exact = hand([float(x) for x in torch.tensor(r, dtype=torch.bfloat16).float()], 4, True)
     torch.testing.assert_close(adv.double(), torch.tensor(exact, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+def test_token_logprobs_refuses_a_zero_temperature():
+    """Guards against `temperature <= 0` loosened to `< 0`: T = 0 would then die in a division
+    (ZeroDivisionError, no message about the setting) instead of a clear ValueError."""
+    from nanogrpo.grpo import token_logprobs
+    x = torch.zeros(1, 2, 5)
+    for t in (0.0, -1.0):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            token_logprobs(x, torch.zeros(1, 2, dtype=torch.long), t)
