@@ -9,7 +9,8 @@ files) the committed tree (HEAD) is copied into a work directory (mutmut rewrite
 checkout itself), mutmut generates every mutant of the target file and maps tests to functions, and then a
 seeded random sample of the target's mutants is run (`--sample 0`: all of them; grpo.py alone has
 ~540, about 20 minutes on 2 cores). `--tests-rev REV` takes tests/ from another commit, so a before
-and after pair measures the same mutants against two test suites. mutmut caches verdicts in the
+and after pair measures the same mutants against two test suites; `--inherit-kills-from REV` then
+runs only the before run's survivors (its kills stand while its test files are unchanged). mutmut caches verdicts in the
 work directory, so a run cut short by `--time-limit` continues where it stopped.
 
 Prints, per target, killed / timeout / survived / no-tests counts and the score
@@ -106,19 +107,27 @@ def run_target(name: str, args, deadline: float) -> dict:
     if not any(t.startswith("tests/") for t in present):  # none of its test files exist in that tests/
         return {"target": name, "tests": label, "test_files": [], "mutants": None, "sampled": args.sample,
                 "killed": 0, "timeout": 0, "survived": [], "no_tests": args.sample, "unchecked": 0, "other": 0,
-                "score": 0.0}
+                "score": 0.0, "inherited": 0}
     if not verdicts(workdir, file):  # generate the mutants and the test map; run none of them
         mutmut(workdir, ["run", "--max-children", str(args.max_children), "no-such-mutant"],
                max(1.0, deadline - time.time()))
     names = sorted(k for k in verdicts(workdir, file) if any(fnmatch(k, p) for p in patterns))
     sample = names if not args.sample or args.sample >= len(names) else \
         sorted(random.Random(args.seed).sample(names, args.sample))
-    todo = [n for n in sample if verdicts(workdir, file).get(n) is None]
+    done = verdicts(workdir, file)
+    inherited = {}
+    if args.inherit_kills_from:
+        # The earlier suite's kills stand when its test files are all still here unchanged (check that
+        # yourself: `git diff REV -- <files>`): only its survivors need running against the new tests.
+        old = verdicts(Path(args.workdir) / f"{name}-{args.inherit_kills_from}", file)
+        inherited = {n: old[n] for n in sample if old.get(n) not in (None, 0, 5, 33)}
+    todo = [n for n in sample if done.get(n) is None and n not in inherited]
     if todo and time.time() < deadline:
         mutmut(workdir, ["run", "--max-children", str(args.max_children), *todo], max(1.0, deadline - time.time()))
-    v = verdicts(workdir, file)
+    v = {**verdicts(workdir, file), **inherited}
     res = {"target": name, "tests": label, "test_files": present, "mutants": len(names), "sampled": len(sample),
-           "killed": 0, "timeout": 0, "survived": [], "no_tests": 0, "unchecked": 0, "other": 0}
+           "killed": 0, "timeout": 0, "survived": [], "no_tests": 0, "unchecked": 0, "other": 0,
+           "inherited": len(inherited)}
     for n in sample:
         code = v.get(n)
         if code is None:
@@ -149,6 +158,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tests-rev", default=None, help="take tests/ from this commit (default: HEAD's)")
     ap.add_argument("--workdir", default="/tmp/nanogrpo-mutation")
+    ap.add_argument("--inherit-kills-from", default=None, metavar="LABEL",
+                    help="take the kills of an earlier run (its --tests-rev, e.g. the before commit) and run "
+                         "only its survivors: valid when the new tests keep the old test files unchanged")
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=540, help="seconds for the whole call; rerun to continue")
     ap.add_argument("--show-survivors", action="store_true")
@@ -161,7 +173,7 @@ def main(argv=None):
         results.append(r)
         print(f"{name:<16} tests={r['tests']:<10} sampled {r['sampled']:>3}/{r['mutants'] or '?':<4} killed {r['killed']:>3} "
               f"timeout {r['timeout']:>2} survived {len(r['survived']):>3} no-tests {r['no_tests']:>2} "
-              f"unchecked {r['unchecked']:>3}  score {r['score']:.2f}", flush=True)
+              f"unchecked {r['unchecked']:>3} (inherited kills {r['inherited']:>2})  score {r['score']:.2f}", flush=True)
         for n in r["survived"]:
             print(f"    survived: {n}")
             if args.show_survivors:
