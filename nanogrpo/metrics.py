@@ -8,11 +8,11 @@ from pathlib import Path
 
 CSV_COLUMNS = [
     "step", "reward_mean", "reward_std", "success_rate", "format_rate", "eval_success", "loss", "pg_loss", "kl",
-    "entropy", "grad_norm", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "adv_mean", "adv_std",
-    "response_len", "staleness_mean", "staleness_max", "logprob_gap", "logprob_gap_onpolicy", "zero_var_frac",
-    "skipped_step", "lr", "tokens_per_s", "time_step", "time_generate", "time_train", "time_sync",
-    "learner_idle_s", "buffer_produced", "buffer_consumed", "buffer_dropped", "buffer_in", "worker_restarts",
-    "wall_time",
+    "entropy", "grad_norm", "clip_frac", "dual_clip_frac", "ratio_mean", "ratio_min", "ratio_max", "adv_mean",
+    "adv_std", "response_len", "truncated_frac", "pg_masked_frac", "overlong_penalty", "staleness_mean",
+    "staleness_max", "logprob_gap", "logprob_gap_onpolicy", "zero_var_frac", "skipped_step", "lr", "tokens_per_s",
+    "time_step", "time_generate", "time_train", "time_sync", "learner_idle_s", "buffer_produced", "buffer_consumed",
+    "buffer_dropped", "buffer_in", "worker_restarts", "wall_time",
 ]
 
 

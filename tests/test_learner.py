@@ -15,7 +15,7 @@ import torch
 
 from learner.learner import LearnerCore, micro_batches
 from nanogrpo.episode import group_batch, group_tensors, to_tensors
-from nanogrpo.grpo import group_advantages, grpo_loss, token_logprobs
+from nanogrpo.grpo import LossConfig, group_advantages, grpo_loss, token_logprobs
 from nanogrpo.model import Qwen2
 from nanogrpo.runconfig import RunConfig
 from nanogrpo.tiny import TINY_MODEL_CONFIG, write_tiny_model_dir
@@ -52,12 +52,14 @@ def episodes(model: Qwen2, n_groups: int, seed: int) -> pa.Table:
     return pa.Table.from_batches(batches)
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
-def test_micro_batched_step_equals_full_batch_reference(model_dir, loss_agg):
+@pytest.mark.parametrize("loss_agg,old_logprobs", [("token-mean", "sampler"), ("seq-mean-token-mean", "sampler"),
+                                                 ("token-mean", "learner")])
+def test_micro_batched_step_equals_full_batch_reference(model_dir, loss_agg, old_logprobs):
     """Guards against micro-batching, the completion-only lm_head window, or per-micro-batch
-    denominators silently changing the GRPO update."""
+    denominators silently changing the GRPO update; with --old-logprobs learner, pi_old is the
+    learner's own pre-update log-probs (a ratio of exactly 1)."""
     cfg = RunConfig(lr=1e-3, group_size=G, micro_batch_tokens=64, loss_agg=loss_agg, max_grad_norm=1.0,
-                    clip_low=0.2, clip_high=0.28, max_new_tokens=16)
+                    clip_low=0.2, clip_high=0.28, max_new_tokens=16, old_logprobs=old_logprobs)
     core = LearnerCore(vars(cfg), str(model_dir), threads=1)
     ref = Qwen2.from_pretrained(model_dir)
     table = episodes(ref, 6, seed=1)
@@ -76,8 +78,8 @@ def test_micro_batched_step_equals_full_batch_reference(model_dir, loss_agg):
     assert not zero_var.any()
     logp = token_logprobs(ref(b["input_ids"])[:, :-1], b["input_ids"][:, 1:])
     mask = b["loss_mask"].float()
-    loss, _ = grpo_loss(logp, b["old_logprobs"], adv, mask, clip_low=0.2, clip_high=0.28, loss_agg=loss_agg,
-                        norm_len=16)
+    old = b["old_logprobs"] if old_logprobs == "sampler" else logp.detach()
+    loss, _ = grpo_loss(logp, old, adv, mask, LossConfig(clip_low=0.2, clip_high=0.28, loss_agg=loss_agg, norm_len=16))
     loss.backward()
     for name, q in ref.named_parameters():
         torch.testing.assert_close(grads[name], q.grad, rtol=1e-4, atol=1e-7, msg=name)
