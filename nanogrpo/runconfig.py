@@ -6,10 +6,11 @@ bad combination into one clear error before any work (or any file write) starts.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from nanogrpo.metrics import check_report_to
 
 
 def opt(default, help, **kw):
@@ -157,26 +158,6 @@ class RunConfig:
         d = json.loads(Path(path).read_text())
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-REPORT_TO = ("tensorboard", "wandb", "mlflow")
-
-
-def check_report_to(value: str) -> list[str]:
-    """--report-to's value -> the sinks to open; an unknown name, or one whose package is missing,
-    fails here, before anything starts (auto quietly skips a missing TensorBoard)."""
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    if names in (["none"], []):
-        return []
-    if names == ["auto"]:
-        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    for n in names:
-        if n not in REPORT_TO:
-            raise ValueError(f"--report-to: {n!r} is not one of {', '.join(REPORT_TO)}, none, auto")
-        if importlib.util.find_spec(n) is None:
-            raise ValueError(f"--report-to {n}: the {n} package is not installed "
-                             "(pip install 'nanogrpo[loggers]')")
-    return names
 
 
 def _bool(s: str) -> bool:
