@@ -157,6 +157,16 @@ class LearnerCore:
         self.opt.zero_grad(set_to_none=True)
         return norm, True
 
+    def _update(self, lr: float, groups: list[int], finite_loss: bool) -> tuple[float, bool]:
+        """The optimizer step after the micro-batches -> (grad norm, applied). A non-finite loss
+        skips it even when its gradient is finite (the +-20 clamp zeroes a NaN's gradient)."""
+        if not groups:
+            return 0.0, True
+        if not finite_loss:
+            self.opt.zero_grad(set_to_none=True)
+            return float("nan"), False
+        return self._apply_grads(lr)
+
     @cached_property
     def loss_cfg(self) -> LossConfig:
         return LossConfig.from_run_config(self.cfg, norm_len=self._max_new())
@@ -177,7 +187,7 @@ class LearnerCore:
             parts.append((m, c["tokens"]))
             counts = {k: counts.get(k, 0) + v for k, v in c.items()}
         lr = self._lr(self.version)
-        grad_norm, ok = self._apply_grads(lr) if groups else (0.0, True)
+        grad_norm, ok = self._update(lr, groups, all(math.isfinite(m["loss"]) for m, _ in parts))
         self.skipped_in_a_row = 0 if ok else self.skipped_in_a_row + 1
         self.version += 1
         metrics = {**reduce_loss_metrics(parts), **step_metrics(b, self.version, counts),

@@ -200,7 +200,7 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
-    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) per completion, (N,) <= 0.
+    """DAPO's soft overlong punishment (Yu et al. 2025) per completion, (N,) <= 0.
 
     0 up to max_len - buffer tokens, then falling linearly to -penalty at the budget max_len; a
     completion cannot be longer than the budget here, so DAPO's -1 beyond it never applies.
