@@ -99,7 +99,10 @@ def reference_grads(cfg: RunConfig, policy: Qwen2, table: pa.Table, ref_model=No
     adv = hand_advantages(cfg.scale_std)
     keep_zero = not (cfg.drop_zero_var and cfg.kl_coef == 0 and cfg.entropy_coef == 0)
     kept = [r for r in rows if keep_zero or len(set(REWARDS[r["group_id"]])) > 1]
-    n_tok = sum(len(r["completion_ids"]) for r in kept)
+    n_tok = sum(len(r["completion_ids"]) for r in kept)  # trained tokens (the metrics' denominator)
+    # The loss denominators count every row the step took, trained or not (--drop-zero-var leaves the
+    # loss scale alone).
+    den_tok, den_seq = sum(len(r["completion_ids"]) for r in rows), len(rows)
     policy.zero_grad(set_to_none=True)
     total = 0.0
     stats = {"gap": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": n_tok}
@@ -107,9 +110,14 @@ def reference_grads(cfg: RunConfig, policy: Qwen2, table: pa.Table, ref_model=No
         lp, ent = row_logprobs(policy, r["prompt_ids"], r["completion_ids"], cfg.temperature)
         old = torch.tensor(r["logprobs"], dtype=torch.float64)
         a = adv[r["group_id"]][r["sample_index"]]
-        base = lp.detach() if decoupled else old
+        # pi_old: the learner's own detached log-probs for stale rows (decoupled PPO) and, with
+        # --old-logprobs learner, for fresh ones too (ratio exactly 1); else the sampler's.
+        own = decoupled or cfg.old_logprobs == "learner"
+        base = lp.detach() if own else old
         ratio = torch.exp(lp - base)
         per_tok = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high))
+        if a < 0:  # dual clip: a negative advantage's loss is bounded by c * |A|
+            per_tok = torch.minimum(per_tok, torch.full_like(per_tok, -a * cfg.clip_ratio_c))
         if decoupled:
             per_tok = per_tok * torch.exp(base - old).clamp(max=cfg.tis_cap)
         if cfg.kl_coef:
@@ -122,11 +130,11 @@ def reference_grads(cfg: RunConfig, policy: Qwen2, table: pa.Table, ref_model=No
         stats["gap"] += float((lp.detach() - old).abs().sum()) / n_tok
         stats["entropy"] += float(ent.detach().sum()) / n_tok
         if cfg.loss_agg == "token-mean":
-            loss = per_tok.sum() / n_tok
+            loss = per_tok.sum() / den_tok
         elif cfg.loss_agg == "seq-mean-token-mean":
-            loss = per_tok.mean() / len(kept)
+            loss = per_tok.mean() / den_seq
         else:  # seq-mean-token-sum-norm (Dr. GRPO): a constant length, not the row's
-            loss = per_tok.sum() / (len(kept) * cfg.max_new_tokens)
+            loss = per_tok.sum() / (den_seq * cfg.max_new_tokens)
         loss.backward()
         total += float(loss.detach())
     grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
@@ -166,6 +174,8 @@ def check_packing(cfg: RunConfig, shapes):
 CASES = {
     # clip active (norm >> 0.02): guards against clip_grad_norm_ being dropped or mis-scaled
     "token-mean": dict(),
+    "learner-pi-old": dict(old_logprobs="learner"),
+    "dual-clip": dict(clip_ratio_c=1.05),
     "seq-mean-token-mean": dict(loss_agg="seq-mean-token-mean"),
     "seq-mean-token-sum-norm": dict(loss_agg="seq-mean-token-sum-norm", scale_std=False),
     "temperature": dict(temperature=0.7),
@@ -182,7 +192,7 @@ def test_step_gradient_equals_full_batch_reference(model_dir, case):
     the learner scoring without the sampling temperature; `entropy_coef` not reaching the loss; the
     seq-mean-token-sum-norm denominator wrong; zero-variance groups kept in the denominators."""
     cfg = RunConfig(**{**dict(lr=1e-3, group_size=G, micro_batch_tokens=BUDGET, max_grad_norm=0.02, clip_low=0.2,
-                             clip_high=0.28, max_new_tokens=16), **CASES[case]})
+                             clip_high=0.28, max_new_tokens=16, old_logprobs="sampler"), **CASES[case]})
     shapes = make_shapes(seed=1)
     check_packing(cfg, shapes)
     core = LearnerCore(vars(cfg), str(model_dir), threads=1)
@@ -247,7 +257,7 @@ def test_kl_penalty_to_the_initial_policy(model_dir):
     the reference being the current policy instead of the initial one, and against zero-variance
     groups being dropped although their KL still trains."""
     cfg = RunConfig(lr=1e-2, group_size=G, micro_batch_tokens=BUDGET, max_grad_norm=0.0, kl_coef=0.5,
-                    max_new_tokens=16)
+                    max_new_tokens=16, old_logprobs="sampler")
     _, seen, policy, table, metrics, init = two_step(model_dir, cfg, second_version=1)
     ref, _, stats = reference_grads(cfg, policy, table, ref_model=init)
     assert metrics["kl"] > 0 and metrics["version"] == 2
@@ -264,7 +274,7 @@ def test_stale_episodes_use_decoupled_ppo(model_dir):
     instead of the pre-step learner, without the truncated importance weight): every episode of
     step 2 comes from policy version 0 while the learner is at version 1."""
     cfg = RunConfig(lr=1e-2, group_size=G, micro_batch_tokens=BUDGET, max_grad_norm=0.0, tis_cap=1.3,
-                    max_new_tokens=16)
+                    max_new_tokens=16, old_logprobs="sampler")
     core, seen, policy, table, metrics, _ = two_step(model_dir, cfg, second_version=0)
     assert metrics["staleness_max"] == 1 and "tis_weight_mean" in metrics
     ref, _, stats = reference_grads(cfg, policy, table, decoupled=True)
