@@ -51,7 +51,7 @@ BENCH = ROOT / "bench"
 # ~3x the time on 2 idle cores (generate/learner/scaling --quick: ~1.5 min each), so a sub-benchmark
 # slowed by other jobs on a shared machine still finishes.
 SUBS = {
-    "generate": ("bench.generate", "results_generate.json", (360, 900)),
+    "generate": ("bench.generate", "results_generate.json", (480, 1200)),  # + the real checkpoint with --model
     "learner": ("bench.learner", "results_learner.json", (300, 900)),
     "scaling": ("bench.scaling", "results_scaling.json", (480, 1200)),
     "gpu": ("bench.gpu", "results_gpu.json", (900, 1800)),  # only where torch sees a CUDA device

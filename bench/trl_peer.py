@@ -64,7 +64,8 @@ def run_trl(args, s: dict) -> dict:
                      max_completion_length=s["max_new_tokens"], learning_rate=s["lr"], temperature=s["temperature"],
                      beta=0.0, max_steps=args.trl_steps, logging_steps=1, save_strategy="no", use_vllm=False,
                      bf16=dtype == torch.bfloat16, seed=0, dataloader_num_workers=0, lr_scheduler_type="constant",
-                     warmup_steps=0, max_grad_norm=1.0, shuffle_dataset=False)
+                     warmup_steps=0, max_grad_norm=1.0, shuffle_dataset=False,
+                     gradient_checkpointing=False)  # TRL defaults it on; ours is off by default
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok)
     gen = {"s": 0.0, "tokens": 0}
     inner = trainer.model.generate

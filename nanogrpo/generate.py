@@ -230,8 +230,11 @@ class Rollout:
         once, and copy its cache into the n slots of its group: holes first, then new slots."""
         n, B, cache = self.n, self.done.numel(), self.cache
         holes = self.done.nonzero().squeeze(-1)  # (h,)
-        k = min(len(self.waiting), (holes.numel() + cache.batch_size - B) // n)
-        if k == 0:
+        room = holes.numel() + cache.batch_size - B  # free slots
+        k = min(len(self.waiting), room // n)
+        # Wait until a quarter of the batch is free (or every waiting prompt fits): one prefill
+        # forward then admits several prompts instead of one each time n rows finish.
+        if k == 0 or (k < len(self.waiting) and room < cache.batch_size // 4):
             return
         idx = [self.waiting.pop() for _ in range(k)]
         dev = self.tokens.device
