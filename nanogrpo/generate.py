@@ -227,7 +227,8 @@ class Rollout:
 
     def admit(self):
         """Prefill as many waiting prompts as there are free groups of n slots, in order, each
-        once, and copy its cache into the n slots of its group: holes first, then new slots."""
+        once, and copy its cache into the n slots of its group: holes first, then new slots.
+        Admits only once a quarter of the batch is free, or when every waiting prompt fits."""
         n, B, cache = self.n, self.done.numel(), self.cache
         holes = self.done.nonzero().squeeze(-1)  # (h,)
         room = holes.numel() + cache.batch_size - B  # free slots
