@@ -15,6 +15,9 @@ and writes bench/results.json with the machine description and every sub-result.
   gpu        bench/gpu.py      -> results_gpu.json       bf16 on a CUDA device, 0.5B shape: generation,
              learner and MFU, offloaded-optimizer memory, weight sync (0.5B, 1.5B); only when torch
              sees a CUDA device
+  trl        bench/trl_peer.py -> results_trl.json       GRPO steps/min and rollout tok/s vs TRL's
+             GRPOTrainer on a real checkpoint; only with --model DIR (or $NANOGRPO_BENCH_MODEL, which
+             also adds the real-checkpoint rows of `generate`) and trl installed
   e2e        python launch.py --out TMP (the default run): time to +0.20 held-out success over the
              first eval, and the fraction of the GRPO phase the learner spent waiting for data.
              With --quick the run is stopped cleanly (SIGINT) at that threshold or after 120 s of
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import platform
@@ -47,10 +51,12 @@ BENCH = ROOT / "bench"
 # ~3x the time on 2 idle cores (generate/learner/scaling --quick: ~1.5 min each), so a sub-benchmark
 # slowed by other jobs on a shared machine still finishes.
 SUBS = {
-    "generate": ("bench.generate", "results_generate.json", (360, 900)),
+    "generate": ("bench.generate", "results_generate.json", (480, 1200)),  # + the real checkpoint with --model
     "learner": ("bench.learner", "results_learner.json", (300, 900)),
     "scaling": ("bench.scaling", "results_scaling.json", (480, 1200)),
     "gpu": ("bench.gpu", "results_gpu.json", (900, 1800)),  # only where torch sees a CUDA device
+    # only with a real checkpoint (--model or $NANOGRPO_BENCH_MODEL) and trl installed
+    "trl": ("bench.trl_peer", "results_trl.json", (900, 2400)),
 }
 E2E_LIMIT_S = 1800
 KILL_GRACE_S = 60  # after a time limit's SIGINT, before SIGKILL
@@ -60,7 +66,9 @@ E2E_QUICK_CAP_S = 120
 E2E_GAIN = 0.20
 # Targets, one place: (comparison, bound). ">=" means the ratio must be at least the bound.
 TARGETS = {
-    "generate_speedup": (">=", 3.0),       # our sampler vs transformers.generate, same work (fp32 on CPU)
+    "generate_speedup": (">=", 3.0),       # our sampler vs transformers.generate, same work (fp32 and --dtype auto)
+    "refill_speedup": (">=", 1.0),         # continuous refill vs chunked batches, long-tailed lengths
+    "trl_steps_per_min": (">=", 10.0),     # GRPO steps/min vs TRL's GRPOTrainer, same settings
     "learner_speedup": (">=", 1.0),        # our GRPO step vs transformers + torch AdamW, same batches
     "ckpt_time": ("<=", 1.5),              # one extra forward per step should cost <= +50%
     "ckpt_mem": ("<=", 0.75),              # ... and buy at least a quarter of the step's peak memory
@@ -272,17 +280,32 @@ def verdict(key: str, ratio: float | None) -> tuple[str, str]:
 
 
 def _generate_rows(res: dict, add):
+    auto = res.get("auto_dtype", "torch.float32").removeprefix("torch.")
     for r in res["rows"]:
         w = f"{r['workload']} {r['dtype']}"
-        # CPU rollout actors sample in fp32 (this benchmark runs on the CPU); bf16 is for information.
+        # The targets hold in fp32 and in the dtype --dtype auto picks here; bf16 where it is
+        # emulated is for information.
         add(f"rollout tok/s, {w}", f"{r['ours_tok_s']:.0f}", f"transformers {r['hf_tok_s']:.0f}",
-            r["speedup"], "generate_speedup" if r["dtype"] == "float32" else None)
+            r["speedup"], "generate_speedup" if r["dtype"] in ("float32", auto) else None)
         add(f"rollout FLOP/s, {w}", f"{r['ours_gflops']:.1f} GFLOP/s",
             f"matmul peak {r['peak_gflops']:.0f}", r["frac_of_peak"], pct=True)
     for d in res.get("decode_bandwidth", []):
         add(f"{d['workload']} {d['dtype']} memory bandwidth", f"{d['decode_GBps']:.1f} GB/s",
             f"copy {d['copy_GBps']:.1f} GB/s", d["frac_of_copy"], pct=True,
             note=f"{d['decode_tok_s']:.1f} tok/s")
+    for r in res.get("refill", []):
+        add(f"rollout tok/s with refill, {r['workload']} {r['dtype']}, {r['rows_limit']} rows",
+            f"{r['refill_tok_s']:.0f}", f"chunked {r['chunked_tok_s']:.0f}", r["refill_speedup"], "refill_speedup",
+            f"lengths p10/p50/p90 {r['length_p10_p50_p90']}")
+
+
+def _trl_rows(res: dict, add):
+    o, t = res["ours"], res["trl"]
+    add("GRPO steps/min vs TRL GRPOTrainer", f"{o['steps_per_min']:.2f}", f"TRL {t['steps_per_min']:.3f}",
+        res["steps_per_min_ratio"], "trl_steps_per_min",
+        f"first-step reward {o['first_reward']:.3f} vs {t['first_reward']}, loss {o['first_loss']} vs {t['first_loss']}")
+    add("rollout tok/s vs TRL GRPOTrainer", f"{o['rollout_tok_s']:.0f}", f"TRL {t['rollout_tok_s']:.0f}",
+        res["rollout_tok_s_ratio"])
 
 
 def _learner_rows(res: dict, add):
@@ -357,6 +380,7 @@ PARTS = {  # name -> (rows from its result, what the failed row says it measures
     "learner": (_learner_rows, "GRPO step tokens/s vs transformers + AdamW"),
     "scaling": (_scaling_rows, "rollout workers, weight sync, async"),
     "gpu": (_gpu_rows, "bf16 generation, learner, offload memory, weight sync on the GPU"),
+    "trl": (_trl_rows, "GRPO steps/min vs TRL's GRPOTrainer"),
     "e2e": (_e2e_rows, "the default run"),
 }
 
@@ -412,6 +436,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="quick sub-benchmarks (suite < 10 min on 2 cores)")
     ap.add_argument("--only", nargs="+", choices=list(SUBS) + ["e2e"], help="run only these parts")
     ap.add_argument("--keep-run", action="store_true", help="keep the end-to-end run directory")
+    ap.add_argument("--model", default=os.environ.get("NANOGRPO_BENCH_MODEL"),
+                    help="a real checkpoint directory: adds its generation rows and the TRL peer benchmark")
     ap.add_argument("--out", default=str(BENCH / "results.json"))
     args = ap.parse_args()
     parts = args.only or list(SUBS) + ["e2e"]
@@ -421,9 +447,14 @@ def main():
           f"CUDA {mach['cuda'] or 'none'}; load average {loadavg()}", flush=True)
     logs = Path(tempfile.mkdtemp(prefix="nanogrpo-bench-logs-"))
     subs = {}
+    if args.model:
+        os.environ["NANOGRPO_BENCH_MODEL"] = str(Path(args.model).resolve())  # the sub-benchmarks read it
     for name in SUBS:
         if name == "gpu" and not mach["cuda"]:
             continue  # the CPU suite; bench.gpu needs a CUDA device
+        if name == "trl" and not (args.model and importlib.util.find_spec("trl")):
+            print("\n== trl: skipped (needs --model DIR and `pip install trl`)", flush=True)
+            continue
         if name in parts:
             subs[name] = run_sub(name, args.quick, logs)
     e2e = end_to_end(logs, args.keep_run, E2E_QUICK_CAP_S if args.quick else None) if "e2e" in parts else None

@@ -2,9 +2,12 @@
 
 The shape of the work is what GRPO needs, not what a chat UI needs:
   * each prompt is prefilled once and its KV rows copied into the n rows of its group
-    (`KVCache.reorder`), instead of prefilling n identical copies;
-  * rows that hit a stop token stop costing compute: the batch is compacted (finished rows are
-    dropped from the cache) once enough of them have finished;
+    (`KVCache.copy_rows`), instead of prefilling n identical copies;
+  * the batch stays full: when a call has more rows than max_batch_rows, a waiting prompt's group
+    is admitted into the rows finished ones leave (continuous refill), so completion lengths that
+    spread from tens to hundreds of tokens do not leave the batch shrinking to a long tail;
+  * once nothing waits, rows that hit a stop token stop costing compute: the batch is compacted
+    (finished rows are dropped from the cache) once enough of them have finished;
   * sampling is a handful of batched tensor ops per step (temperature, top-k, top-p, an
     inverse-CDF draw from a seeded generator); nothing loops over the vocabulary in Python;
   * every completion comes back with the log-prob of each sampled token under the distribution it
@@ -124,13 +127,16 @@ def next_tokens(logits, temperature: float, top_k: int, top_p: float, bias, gene
 def generate(model: Qwen2, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 128,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              stop_token_ids=(), seed: int = 0, logit_bias: dict[int, float] | None = None,
-             max_batch_rows: int = 512, compact_fraction: float = 0.125) -> list[Completion]:
+             max_batch_rows: int = 512, compact_fraction: float = 0.125, refill: bool = True) -> list[Completion]:
     """Sample n completions for every prompt; returns len(prompts) * n Completions, prompt-major.
 
     prompts: token id lists of any (non-zero) lengths. stop_token_ids: finishing on any of them.
-    seed: results are deterministic for a fixed seed, model and batch.
-    max_batch_rows: prompts are processed in chunks of at most this many rows (prompts * n).
-    compact_fraction: compact the cache once this fraction of the live rows has finished.
+    seed: results are deterministic for a fixed seed, model, prompts and batch settings.
+    max_batch_rows: at most this many rows (prompts * n) decode together.
+    refill: when there are more rows than that, admit a waiting prompt's group into the rows that
+        finished ones leave (continuous batching), in prompt order; False: run the prompts in
+        chunks that each decode until their last row finishes.
+    compact_fraction: once no prompt waits, compact the cache when this fraction of its rows finished.
     """
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"need n >= 1 and max_new_tokens >= 1, got n={n}, max_new_tokens={max_new_tokens}")
@@ -140,79 +146,141 @@ def generate(model: Qwen2, prompts: list[list[int]], n: int = 1, max_new_tokens:
         if len(p) == 0:
             raise ValueError(f"prompt {i} is empty")
     device = model.device
-    gen = torch.Generator(device=device).manual_seed(seed)
     bias = None
     if logit_bias:
         bias = torch.zeros(model.config.vocab_size, device=device)
         bias[torch.tensor(list(logit_bias), device=device)] = torch.tensor(list(logit_bias.values()), device=device)
-    stops = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
-    per_chunk = max(1, max_batch_rows // n)
+    sampler = Sampler(temperature, top_k, top_p, bias, torch.Generator(device=device).manual_seed(seed),
+                      torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device), max_new_tokens)
+    rows = max(n, max_batch_rows // n * n)  # whole groups, at least one
+    step = max(1, len(prompts)) if refill else rows // n
     out: list[Completion] = []
-    for start in range(0, len(prompts), per_chunk):
-        chunk = prompts[start:start + per_chunk]
-        out += _generate_chunk(model, chunk, start, n, max_new_tokens, temperature, top_k, top_p,
-                               stops, gen, bias, compact_fraction)
+    for start in range(0, len(prompts), step):
+        out += Rollout(model, prompts[start:start + step], n, rows, sampler, compact_fraction).run(start)
     return out
 
 
-def _generate_chunk(model, prompts, offset, n, max_new, temperature, top_k, top_p, stops, gen, bias,
-                    compact_fraction):
-    device, P = model.device, len(prompts)
-    R = P * n
-    lens = torch.tensor([len(p) for p in prompts], device=device)  # (P,)
-    T = int(max(len(p) for p in prompts))
-    ids = torch.zeros(P, T, dtype=torch.long, device=device)  # right-padded prompts (P, T)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-    cache = KVCache(model.config, R, T + max_new, dtype=model.dtype, device=device)
+@dataclass
+class Sampler:
+    """The sampling settings of one generate() call and its random stream."""
+    temperature: float
+    top_k: int
+    top_p: float
+    bias: torch.Tensor | None  # (V,) added to the logits, or None
+    gen: torch.Generator
+    stops: torch.Tensor  # (s,) stop token ids
+    max_new: int
 
-    # Prefill each prompt once, then copy its cache rows into the n rows of its group.
-    logits = model(ids, cache=cache, input_lengths=lens, logits_at=lens - 1)  # (P, V)
-    group = torch.arange(P, device=device).repeat_interleave(n)  # (R,)
-    cache.reorder(group)
-    logits = logits[group]  # (R, V)
+    def __call__(self, logits):
+        return next_tokens(logits, self.temperature, self.top_k, self.top_p, self.bias, self.gen)
 
-    tokens_out = torch.zeros(R, max_new, dtype=torch.long, device=device)
-    logp_out = torch.zeros(R, max_new, dtype=torch.float32, device=device)
-    gen_len = torch.full((R,), max_new, dtype=torch.long, device=device)  # (R,)
-    stopped = torch.zeros(R, dtype=torch.bool, device=device)
-    rows = torch.arange(R, device=device)  # original row id of each live cache row
-    done = torch.zeros(R, dtype=torch.bool, device=device)  # finished rows still in the cache
-    n_done = 0
-    for step in range(max_new):
-        tok, tok_logp = next_tokens(logits, temperature, top_k, top_p, bias, gen)  # (B,), (B,)
-        # Finished rows not yet compacted away keep decoding; what they write lands past their
-        # gen_len and is cut off below, which is cheaper than masking every write.
-        tokens_out[rows, step] = tok
-        logp_out[rows, step] = tok_logp
-        if stops.numel():
-            hit = (tok[:, None] == stops).any(-1) & ~done  # (B,)
-            if hit.any():
-                gen_len[rows[hit]] = step + 1
-                stopped[rows[hit]] = True
-                done |= hit
-                n_done = int(done.sum())
-        if step == max_new - 1 or n_done == done.numel():
-            break
-        B = done.numel()
+
+class Rollout:
+    """One batch of cache rows decoding the samples of a list of prompts, refilled as rows finish.
+
+    Slot i (cache row i, i < B) produces completion rows[i] = prompt * n + sample. Finished slots
+    are holes: they keep decoding (cheaper than masking every write) without growing their cache
+    length, until a waiting prompt's group is admitted into them (prefilled once, its cache copied
+    into the n slots) or, once no prompt waits, compaction drops them.
+    """
+
+    def __init__(self, model, prompts, n, max_rows, sampler: Sampler, compact_fraction):
+        self.model, self.prompts, self.n, self.sampler = model, prompts, n, sampler
+        self.compact_fraction = compact_fraction
+        dev, R, W = model.device, len(prompts) * n, sampler.max_new + 1  # a trash column for holes
+        self.tokens = torch.zeros(R, W, dtype=torch.long, device=dev)  # (R, max_new + 1)
+        self.logp = torch.zeros(R, W, dtype=torch.float32, device=dev)
+        self.gen_len = torch.zeros(R, dtype=torch.long, device=dev)  # (R,)
+        self.stopped = torch.zeros(R, dtype=torch.bool, device=dev)
+        T = max(len(p) for p in prompts)
+        self.cache = KVCache(model.config, min(max_rows, R), T + sampler.max_new, dtype=model.dtype, device=dev)
+        empty = torch.zeros(0, dtype=torch.long, device=dev)
+        # Per slot: its completion row, the token it feeds next, tokens made so far, finished?
+        self.rows, self.tok, self.made = empty, empty, empty  # (B,) each
+        self.done = torch.zeros(0, dtype=torch.bool, device=dev)
+        self.waiting = list(range(len(prompts)))[::-1]  # a stack: pop() takes the next prompt
+
+    def run(self, offset: int) -> list[Completion]:
+        self.admit()
+        while not (self.done.all() and not self.waiting):
+            if not self.waiting:
+                self.compact()
+            live = (~self.done).long()  # (B,): a hole's length stays put
+            logits = self.model(self.tok[:, None], cache=self.cache, input_lengths=live)[:, -1]  # (B, V)
+            self.tok, self.done, self.made = self.record(logits, self.rows, self.made, self.done)
+            if self.waiting:
+                self.admit()
+        return self.completions(offset)
+
+    def record(self, logits, rows, made, done):
+        """Sample each slot's next token, store it, mark the slots that finished -> tok, done, made."""
+        s = self.sampler
+        tok, tok_logp = s(logits)  # (B,), (B,)
+        col = made.clamp(max=s.max_new)  # holes write into the trash column
+        self.tokens[rows, col], self.logp[rows, col] = tok, tok_logp
+        made = made + 1
+        stop = (tok[:, None] == s.stops).any(-1) & ~done if s.stops.numel() else torch.zeros_like(done)
+        fin = (stop | (made >= s.max_new)) & ~done  # (B,)
+        self.gen_len[rows[fin]] = made[fin]
+        self.stopped[rows[stop]] = True
+        return tok, done | fin, made
+
+    def admit(self):
+        """Prefill as many waiting prompts as there are free groups of n slots, in order, each
+        once, and copy its cache into the n slots of its group: holes first, then new slots.
+        Admits only once a quarter of the batch is free, or when every waiting prompt fits."""
+        n, B, cache = self.n, self.done.numel(), self.cache
+        holes = self.done.nonzero().squeeze(-1)  # (h,)
+        room = holes.numel() + cache.batch_size - B  # free slots
+        k = min(len(self.waiting), room // n)
+        # Wait until a quarter of the batch is free (or every waiting prompt fits): one prefill
+        # forward then admits several prompts instead of one each time n rows finish.
+        if k == 0 or (k < len(self.waiting) and room < cache.batch_size // 4):
+            return
+        idx = [self.waiting.pop() for _ in range(k)]
+        dev = self.tokens.device
+        lens = torch.tensor([len(self.prompts[i]) for i in idx], device=dev)  # (k,)
+        ids = torch.zeros(k, int(lens.max()), dtype=torch.long, device=dev)  # right-padded (k, T)
+        for j, i in enumerate(idx):
+            ids[j, : len(self.prompts[i])] = torch.tensor(self.prompts[i], dtype=torch.long)
+        side = KVCache(self.model.config, k, ids.shape[1], dtype=cache.k[0].dtype, device=dev)
+        logits = self.model(ids, cache=side, input_lengths=lens, logits_at=lens - 1)  # (k, V)
+        extra = max(0, k * n - holes.numel())
+        slots = torch.cat((holes[: k * n], torch.arange(B, B + extra, device=dev)))  # (k * n,)
+        cache.copy_rows(side, torch.arange(k, device=dev).repeat_interleave(n), slots)
+        rows = (torch.tensor(idx, device=dev).repeat_interleave(n) * n + torch.arange(n, device=dev).repeat(k))
+        tok, done, made = self.record(logits.repeat_interleave(n, 0), rows, torch.zeros_like(rows),
+                                      torch.zeros_like(rows, dtype=torch.bool))
+        grow = torch.zeros(extra, dtype=torch.long, device=dev)
+        self.rows, self.tok, self.made = (torch.cat((a, grow)) for a in (self.rows, self.tok, self.made))
+        self.done = torch.cat((self.done, grow.bool()))
+        self.rows[slots], self.tok[slots], self.made[slots], self.done[slots] = rows, tok, made, done
+        cache.tighten(self.done.numel())
+
+    def compact(self):
+        """Drop finished slots once enough have finished, moving live slots past the new size
+        into holes before it: copies at most that many cache rows instead of gathering all."""
+        B, n_done = self.done.numel(), int(self.done.sum())
         # Large batches shrink in multiples of 8 (a few finished rows ride along): each new batch
         # size costs a oneDNN kernel JIT per matmul shape in bf16 on CPU (~1 ms each), which is a
         # step's worth of a small model. Below 64 rows a spare row costs more than that.
         gran = 8 if B >= 64 else 1
         keep = min(B, -(-(B - n_done) // gran) * gran)
-        if n_done and n_done >= compact_fraction * B and keep < B:
-            # Drop finished rows by moving the live rows past `keep` into finished slots before
-            # it: copies at most n_done cache rows instead of gathering all of them.
-            donors = (~done[keep:]).nonzero().squeeze(-1) + keep  # (d,) live rows to move
-            holes = done[:keep].nonzero().squeeze(-1)[: donors.numel()]  # (d,) finished slots
-            cache.move_rows(donors, holes)
-            rows[holes], tok[holes], done[holes] = rows[donors], tok[donors], False
-            rows, tok, done = rows[:keep], tok[:keep], done[:keep]
-            n_done = keep - (B - n_done)
-        logits = model(tok[:, None], cache=cache)[:, -1]  # (B, V)
+        if not n_done or n_done < self.compact_fraction * B or keep >= B:
+            return
+        donors = (~self.done[keep:]).nonzero().squeeze(-1) + keep  # (d,) live slots to move
+        holes = self.done[:keep].nonzero().squeeze(-1)[: donors.numel()]  # (d,) finished slots
+        self.cache.move_rows(donors, holes)
+        for name in ("rows", "tok", "made", "done"):
+            a = getattr(self, name)
+            a[holes] = a[donors]
+            setattr(self, name, a[:keep])
+        self.cache.tighten(keep)
 
-    lengths, reasons = gen_len.tolist(), stopped.tolist()
-    toks, logps = tokens_out.tolist(), logp_out.tolist()
-    return [Completion(prompt_index=offset + r // n, sample_index=r % n, token_ids=toks[r][: lengths[r]],
-                       logprobs=logps[r][: lengths[r]], finish_reason="stop" if reasons[r] else "length")
-            for r in range(R)]
+    def completions(self, offset: int) -> list[Completion]:
+        n = self.n
+        lengths, reasons = self.gen_len.tolist(), self.stopped.tolist()
+        toks, logps = self.tokens.tolist(), self.logp.tolist()
+        return [Completion(prompt_index=offset + r // n, sample_index=r % n, token_ids=toks[r][: lengths[r]],
+                           logprobs=logps[r][: lengths[r]], finish_reason="stop" if reasons[r] else "length")
+                for r in range(len(lengths))]

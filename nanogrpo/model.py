@@ -57,6 +57,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One op instead of two; the same bits (the weight multiply comes last either way).
+            return F.rms_norm(x, x.shape[-1:], self.weight, eps=self.eps)
         # Normalise in fp32 and cast back before the weight multiply, as the reference does;
         # doing the multiply in fp32 changes bf16 logits by a few ulps.
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
@@ -101,14 +104,64 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class KVCache:
+class Cache:
+    """What a forward asks of the keys/values its queries attend to; one object per forward call.
+
+    Qwen2.forward calls `begin` once (positions, mask), every attention layer calls `update` (store
+    this layer's keys/values, get back the ones to attend to), and forward calls `end` once. `pack`
+    and `unpack` let the token-wise layers (norms, projections, MLPs) run on real tokens only.
+    The cache owns its write, as gpt-fast's KVCache.update does, so Attention never asks which kind
+    it has. NoCache (a plain forward), KVCache (generation) and PromptKV (GRPO training) implement it.
+    """
+
+    def begin(self, B: int, T: int, dtype, input_lengths=None):
+        """-> positions (B, T) or None for 0..T-1, the additive mask or None for causal, and a host
+        bound on the positions (None: positions are arbitrary, compute their RoPE directly)."""
+        return None, None, T
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v (B, H_kv, T, D) of this forward -> the keys/values its queries attend to."""
+        return k, v
+
+    def end(self):
+        pass
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class NoCache(Cache):
+    """A plain forward over whole sequences, with optional padding (attention_mask) or positions."""
+
+    def __init__(self, attention_mask=None, position_ids=None):
+        self.attention_mask, self.position_ids = attention_mask, position_ids
+
+    def begin(self, B, T, dtype, input_lengths=None):
+        pos, am = self.position_ids, self.attention_mask
+        bound = None if pos is not None else T  # explicit positions (packed sequences, offsets)
+        if am is None:
+            return pos, None, bound
+        am = am.bool()  # (B, T)
+        if pos is None:
+            pos = (am.long().cumsum(-1) - 1).clamp(min=0)
+        dev = am.device
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        # Every query also sees itself, so a padding query's softmax is never empty (NaN).
+        allowed = (causal[None] & am[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
+        return pos, additive_mask(allowed, dtype), bound
+
+
+class KVCache(Cache):
     """Preallocated keys/values for `batch_size` rows of up to `max_len` tokens.
 
     Each row r holds its own sequence in positions [0, lengths[r]); there is no padding inside a
     row, so rows of different lengths decode in one batch and RoPE positions are simply the row's
-    length. A forward with the cache uses rows [0, B) for an input of batch B; `reorder(idx)`
-    gathers rows to the front, which is how a finished row is dropped (batch compaction) and how
-    one prefilled prompt is copied into the G rows of its group.
+    length. A forward with the cache uses rows [0, B) for an input of batch B. `move_rows` moves
+    live rows into finished rows' slots (batch compaction); `copy_rows` copies a prefilled
+    prompt's rows from another cache into the G rows of its group, wherever they are free.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
@@ -119,27 +172,63 @@ class KVCache:
         self.max_len = max_len
         # Host-side upper bound on lengths, so attention can slice the cache without a device sync.
         self.bound = 0
+        self._write = self._rows = self._added = None  # set by begin() for the current forward
 
     @property
     def batch_size(self) -> int:
         return self.k[0].shape[0]
 
-    def reorder(self, idx: torch.Tensor):
-        """Rows idx[i] -> row i for i < len(idx) (gather; idx may repeat rows)."""
-        n, s = idx.numel(), self.bound
-        for t in self.k + self.v:
-            t[:n, :, :s] = t[idx, :, :s]
-        self.lengths[:n] = self.lengths[idx]
+    def begin(self, B, T, dtype, input_lengths=None):
+        """Rows [0, B) take T tokens each at their own length; input_lengths (B,): only that many
+        are real (the rest is padding whose keys are written but not counted, later overwritten)."""
+        if self.bound + T > self.max_len:  # the bound may be loose: rows finished or refilled
+            self.tighten(B)
+        if self.bound + T > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot take {T} more tokens")
+        dev = self.lengths.device
+        self.bound += T
+        self._rows = B
+        self._added = input_lengths if input_lengths is not None else torch.full((B,), T, device=dev)
+        pos = self.lengths[:B, None] + torch.arange(T, device=dev)  # (B, T)
+        # Where each (row, kv head, token) lands in the flat (B_max * H_kv * S, D) view of a layer's
+        # cache: one index_copy_ per layer instead of an advanced-index put.
+        H, S = self.k[0].shape[1], self.max_len
+        base = (torch.arange(B, device=dev)[:, None] * H + torch.arange(H, device=dev)) * S  # (B, H)
+        self._write = (base[:, :, None] + pos[:, None, :]).flatten()  # (B * H * T,)
+        # A query sees keys at positions <= its own; this is causal and also hides stale keys past
+        # each row's length. Built once as an additive mask for all layers.
+        key_pos = torch.arange(self.bound, device=dev)  # (S,)
+        return pos, additive_mask(key_pos[None, None, :] <= pos[:, :, None], dtype), self.bound  # (B, 1, T, S)
+
+    def update(self, layer_idx, k, v):
+        kc, vc = self.k[layer_idx], self.v[layer_idx]  # (B_max, H_kv, S, D)
+        D = kc.shape[-1]
+        kc.view(-1, D).index_copy_(0, self._write, k.reshape(-1, D).to(kc.dtype))
+        vc.view(-1, D).index_copy_(0, self._write, v.reshape(-1, D).to(vc.dtype))
+        B = self._rows
+        return kc[:B, :, : self.bound], vc[:B, :, : self.bound]  # (B, H_kv, S, D)
+
+    def end(self):
+        self.lengths[: self._rows] += self._added
+
+    def tighten(self, B: int):
+        """Lower the host bound to the longest of rows [0, B) (one device sync)."""
+        self.bound = int(self.lengths[:B].max()) if B else 0
 
     def move_rows(self, src: torch.Tensor, dst: torch.Tensor):
         """Copy rows src[i] -> dst[i] (disjoint sets); the rest stay where they are."""
-        s = self.bound
-        for t in self.k + self.v:
-            t[dst, :, :s] = t[src, :, :s]
-        self.lengths[dst] = self.lengths[src]
+        self.copy_rows(self, src, dst)
+
+    def copy_rows(self, other: "KVCache", src: torch.Tensor, dst: torch.Tensor):
+        """Rows src[i] of `other` -> rows dst[i] of this cache (src may repeat: a prompt's group)."""
+        s = other.bound
+        for t, o in zip(self.k + self.v, other.k + other.v):
+            t[dst, :, :s] = o[src, :, :s]
+        self.lengths[dst] = other.lengths[src]
+        self.bound = max(self.bound, s)
 
 
-class PromptKV:
+class PromptKV(Cache):
     """Keys/values of a batch of prompts, with their autograd graph, shared by the completions of each.
 
     Two forwards use it. The prompts' forward (`PromptKV(lens, index)`, prompts right-padded)
@@ -164,12 +253,10 @@ class PromptKV:
         the rest is padding that the projections and MLPs then skip (`pack` / `unpack`)."""
         return PromptKV(self.prompt_lens, self.index, self.k, self.v, lengths)
 
-    @property
-    def packed(self) -> bool:
-        return self.lengths is not None
-
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, T, F) -> (n, F), the real tokens only."""
+        """(N, T, F) -> (n, F), the real tokens only (unchanged when all tokens are real)."""
+        if self.lengths is None:
+            return x
         N, T = x.shape[:2]
         if self._flat is None:
             real = torch.arange(T, device=x.device)[None, :] < self.lengths[:, None]  # (N, T)
@@ -178,25 +265,29 @@ class PromptKV:
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(n, F) -> (N, T, F), zeros at padding."""
+        if self.lengths is None:
+            return x
         N, T = self._shape
         return x.new_zeros(N * T, x.shape[-1]).index_copy(0, self._flat, x).view(N, T, -1)
 
-    def attend(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v (B, H_kv, T, D) of this forward -> the keys/values its queries attend to."""
+    def update(self, layer_idx, k, v):
         if not self.replaying:
             self.k[layer_idx], self.v[layer_idx] = k, v
             return k, v
         return (torch.cat((self.k[layer_idx][self.index], k), 2),  # (N, H_kv, Tp + T, D)
                 torch.cat((self.v[layer_idx][self.index], v), 2))
 
-    def positions_and_mask(self, T: int, dtype):
-        """Replay: positions (N, T) after each row's prompt, and the additive mask (N, 1, T, Tp + T)."""
+    def begin(self, B, T, dtype, input_lengths=None):
+        """Prompts: plain causal (right padding is never attended to by a real token). Replay:
+        positions (N, T) after each row's prompt and the additive mask (N, 1, T, Tp + T)."""
+        if not self.replaying:
+            return None, None, T
         lens = self.prompt_lens[self.index]  # (N,)
         dev, Tp = lens.device, self.k[0].shape[2]
         pos = lens[:, None] + torch.arange(T, device=dev)  # (N, T)
         prompt_ok = (torch.arange(Tp, device=dev)[None, :] < lens[:, None])[:, None, :].expand(-1, T, -1)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None].expand(lens.shape[0], -1, -1)
-        return pos, additive_mask(torch.cat((prompt_ok, causal), -1), dtype)
+        return pos, additive_mask(torch.cat((prompt_ok, causal), -1), dtype), int(self.prompt_lens.max()) + T
 
 
 class Attention(nn.Module):
@@ -213,9 +304,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer_idx, cache: KVCache | PromptKV | None, pos):
-        packed = isinstance(cache, PromptKV) and cache.packed  # x (n, C): real tokens only
-        q, k, v = (cache.unpack(p(x)) if packed else p(x) for p in (self.q_proj, self.k_proj, self.v_proj))
+    def forward(self, x, cos, sin, mask, layer_idx, cache: Cache):
+        # x (B, T, C), or (n, C) real tokens only when the cache packs; the projections stay packed.
+        q, k, v = (cache.unpack(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
         B, T, _ = q.shape
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, H_kv, D)
@@ -223,30 +314,27 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H_kv, T, D)
-        elif isinstance(cache, PromptKV):
-            k, v = cache.attend(layer_idx, k.transpose(1, 2), v.transpose(1, 2))
-        else:
-            kc, vc = cache.k[layer_idx], cache.v[layer_idx]  # (B_max, H_kv, S, D)
-            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-            kc[rows, :, pos] = k.to(kc.dtype)  # pos (B, T): each row writes at its own length
-            vc[rows, :, pos] = v.to(vc.dtype)
-            k, v = kc[:B, :, : cache.bound], vc[:B, :, : cache.bound]  # (B, H_kv, S, D)
-        if T == 1 and isinstance(cache, KVCache) and x.dtype == torch.float32:
-            # fp32 decode step: the g query heads that share a kv head attend as one (g, D) block;
-            # SDPA's CPU kernel took 6-38% longer on the tiny and 0.5B decode shapes.
-            g = self.n_head // self.n_kv
-            s = torch.matmul(q.view(B, self.n_kv, g, self.head_dim), k.transpose(-1, -2))  # (B, H_kv, g, S)
-            y = torch.matmul(s.mul_(self.head_dim ** -0.5).add_(mask).softmax(-1), v)  # (B, H_kv, g, D)
-            return self.o_proj(y.view(B, 1, self.n_head * self.head_dim))
+        k, v = cache.update(layer_idx, k.transpose(1, 2), v.transpose(1, 2))  # (B, H_kv, S, D)
+        if T == 1 and mask is not None:
+            # Decode step: the g query heads that share a kv head attend as g queries of that one
+            # head, so each cached key is read once. fp32: two batched matmuls (SDPA's CPU kernel
+            # took 6-38% longer on the tiny and 0.5B decode shapes); bf16: SDPA on the grouped
+            # queries, which beat both its enable_gqa form and the matmuls (see README Results).
+            qg = q.view(B, self.n_kv, self.n_head // self.n_kv, self.head_dim)  # (B, H_kv, g, D)
+            if x.dtype == torch.float32:
+                s = torch.matmul(qg, k.transpose(-1, -2))  # (B, H_kv, g, S)
+                y = torch.matmul(s.mul_(self.head_dim ** -0.5).add_(mask).softmax(-1), v)  # (B, H_kv, g, D)
+            else:
+                y = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)  # (B, H_kv, g, D)
+            return self.o_proj(cache.pack(y.reshape(B, 1, self.n_head * self.head_dim)))
         q = q.transpose(1, 2)  # (B, H, T, D)
+        gqa = self.n_kv != self.n_head
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.o_proj(cache.pack(y) if packed else y)
+        return self.o_proj(cache.pack(y))
 
 
 class MLP(nn.Module):
@@ -269,8 +357,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, layer_idx=0, cache=None, pos=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_idx, cache, pos)
+    def forward(self, x, cos, sin, mask, layer_idx, cache: Cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_idx, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -399,7 +487,18 @@ class Qwen2(nn.Module):
             self._rope[key] = (cos[0, :, 0], sin[0, :, 0])
         return self._rope[key]
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | PromptKV | None = None,
+    def rope(self, pos, bound, T: int, device, dtype):
+        """cos, sin broadcastable to (B, T, 1, D) for positions pos (B, T), or 0..T-1 if None.
+        bound: host-side bound on the positions, so the table lookup needs no sync; None for
+        arbitrary positions, whose angles are then computed directly."""
+        if bound is None:
+            return rope_cos_sin(self.inv_freq(device), pos, dtype)
+        cos, sin = self.rope_table(bound, device, dtype)  # (L, D)
+        if pos is None:
+            return cos[None, :T, None], sin[None, :T, None]  # (1, T, 1, D)
+        return cos[pos][:, :, None], sin[pos][:, :, None]  # (B, T, 1, D)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: Cache | None = None,
                 input_lengths=None, logits_at=None, return_hidden: bool = False):
         """input_ids (B, T) -> logits (B, T, V).
 
@@ -413,58 +512,22 @@ class Qwen2(nn.Module):
         return_hidden: return the final normed hidden states (B, T, C) instead of logits.
         """
         B, T = input_ids.shape
-        dev = input_ids.device
-        x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        packed = isinstance(cache, PromptKV) and cache.packed
-        if packed:
-            x = cache.pack(x)  # (n, C): norms, projections and MLPs run on real tokens only
-        mask, pos, n_pos = None, None, T  # n_pos: host-side bound on the positions used
-        explicit_positions = position_ids is not None
-        if isinstance(cache, PromptKV) and cache.replaying:
-            pos, mask = cache.positions_and_mask(T, x.dtype)
-            position_ids, n_pos = pos, int(cache.prompt_lens.max()) + T
-        elif isinstance(cache, KVCache):
-            if input_lengths is None:
-                input_lengths = torch.full((B,), T, dtype=torch.long, device=dev)
-            if cache.bound + T > cache.max_len:
-                raise ValueError(f"KV cache of {cache.max_len} positions cannot take {T} more tokens")
-            cache.bound += T
-            n_pos = cache.bound
-            pos = cache.lengths[:B, None] + torch.arange(T, device=dev)  # (B, T)
-            position_ids = pos
-            # A query sees keys at positions <= its own; this is causal and also hides stale
-            # keys past each row's length. Built once as an additive mask for all layers.
-            key_pos = torch.arange(cache.bound, device=dev)  # (S,)
-            mask = additive_mask(key_pos[None, None, :] <= pos[:, :, None], x.dtype)  # (B, 1, T, S)
-        elif attention_mask is not None:
-            am = attention_mask.bool()  # (B, T)
-            if position_ids is None:
-                position_ids = (am.long().cumsum(-1) - 1).clamp(min=0)
-            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-            # Every query also sees itself, so a padding query's softmax is never empty (NaN).
-            mask = additive_mask((causal[None] & am[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev), x.dtype)
-        if explicit_positions:  # any positions (packed sequences, offsets): compute directly
-            cos, sin = rope_cos_sin(self.inv_freq(dev), position_ids, x.dtype)
-        else:
-            cos, sin = self.rope_table(n_pos, dev, x.dtype)  # (L, D)
-            if position_ids is None:
-                cos, sin = cos[None, :T, None], sin[None, :T, None]  # (1, T, 1, D)
-            else:
-                cos, sin = cos[position_ids][:, :, None], sin[position_ids][:, :, None]  # (B, T, 1, D)
+        cache = NoCache(attention_mask, position_ids) if cache is None else cache
+        x = cache.pack(self.model.embed_tokens(input_ids))  # (B, T, C), or (n, C) real tokens only
+        pos, mask, bound = cache.begin(B, T, x.dtype, input_lengths)
+        cos, sin = self.rope(pos, bound, T, input_ids.device, x.dtype)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, i, cache, pos, use_reentrant=False)
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, mask, i, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, i, cache, pos)
-        if isinstance(cache, KVCache):
-            cache.lengths[:B] += input_lengths
-        x = self.model.norm(x)
-        if packed:
-            x = cache.unpack(x)
+                x = layer(x, cos, sin, mask, i, cache)
+        cache.end()
+        x = cache.unpack(self.model.norm(x))
         if return_hidden:
             return x
         if logits_at is not None:
-            x = x[torch.arange(B, device=dev), logits_at]  # (B, C)
+            x = x[torch.arange(B, device=x.device), logits_at]  # (B, C)
         return self.lm_head(x)
 
     def completion_hidden(self, prompt_ids, prompt_lens, completion_ids, index, completion_lens=None) -> torch.Tensor:

@@ -255,3 +255,28 @@ def test_training_after_generation_on_the_same_model():
     model(ids).logsumexp(-1).mean().backward()
     model(ids, attention_mask=torch.ones_like(ids)).logsumexp(-1).mean().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_bf16_cached_decode_matches_full_forward(tmp_path):
+    """Guards against the bf16 decode attention (grouped-query SDPA, a different path from fp32's
+    matmuls and from the full forward's) mis-grouping query heads onto kv heads or dropping the
+    mask: bf16 decode logits through the cache must match a bf16 full forward to bf16 precision."""
+    from nanogrpo.model import KVCache
+
+    _, ours = hf_checkpoint(tmp_path, "qwen2_untied")
+    ours = ours.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    lens = torch.tensor([6, 11])
+    seqs = [torch.randint(0, BASE["vocab_size"], (int(n) + 4,), generator=g) for n in lens]
+    ids = torch.zeros(2, int(lens.max()), dtype=torch.long)
+    for i, n in enumerate(lens):
+        ids[i, :n] = seqs[i][:n]
+    cache = KVCache(ours.config, 2, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ours(ids, cache=cache, input_lengths=lens, logits_at=lens - 1)
+        for t in range(4):
+            nxt = torch.stack([s[int(n) + t] for s, n in zip(seqs, lens)])
+            got = ours(nxt[:, None], cache=cache)[:, -1].float()  # (2, V)
+            for i, n in enumerate(lens):
+                full = ours(seqs[i][None, : int(n) + t + 1])[0, -1].float()
+                torch.testing.assert_close(got[i], full, atol=3e-2, rtol=3e-2)
