@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,10 +86,14 @@ def prepare(workdir: Path, file: str, tests: list[str], tests_rev: str | None) -
 def mutmut(workdir: Path, args: list[str], timeout: float | None) -> int:
     exe = Path(sys.executable).with_name("mutmut")
     env = {**os.environ, "PYTHONPATH": str(workdir / "mutants")}
+    # Its own session, so a time limit ends mutmut's forked mutant runs too (not orphans).
+    p = subprocess.Popen([str(exe), *args], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        return subprocess.run([str(exe), *args], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, timeout=timeout).returncode
+        return p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
         return -1
 
 

@@ -148,3 +148,31 @@ def test_draw_is_exact_over_a_qwen_sized_vocabulary():
         want, margin = exact_tokens(x, seed)
         clear = margin > 1e-10
         assert int((~clear).sum()) <= 2 and torch.equal(tok[clear], want[clear])
+
+
+def test_top_p_generation_samples_inside_the_nucleus_with_its_log_probs():
+    """Guards against generation with top_p < 1 (the only path through `sample` with T > 0)
+    turning greedy (`temperature == 0` test inverted), drawing outside the nucleus, or reporting
+    log-probs of the untruncated distribution: each token lies in the top-p set of a full
+    uncached forward, its log-prob is the renormalised one, and a group's samples differ."""
+    cfg = ModelConfig(model_type="qwen2", vocab_size=37, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0)
+    model = Qwen2.from_config(cfg, seed=4).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)  # a peaked distribution, so top-p = 0.8 drops most of the vocabulary
+    prompts = [[1, 5, 9], [3]]
+    outs = generate(model, prompts, n=6, max_new_tokens=6, temperature=0.9, top_p=0.8, seed=2)
+    greedy = 0
+    for c in outs:
+        p = prompts[c.prompt_index]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + c.token_ids]))[0, len(p) - 1:-1].float()  # (L, V)
+        ref = process_logits(logits, 0.9, 0, 0.8)  # the nucleus, renormalised (tested exactly above)
+        got = ref.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        assert torch.isfinite(got).all()  # never outside the nucleus
+        torch.testing.assert_close(torch.tensor(c.logprobs), got, atol=1e-4, rtol=0)
+        greedy += c.token_ids == logits.argmax(-1).tolist()
+    assert torch.isfinite(ref).sum(-1).max() < cfg.vocab_size  # the nucleus really truncates
+    assert greedy < len(outs)
+    assert len({tuple(c.token_ids) for c in outs[:6]}) > 1

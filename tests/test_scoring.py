@@ -92,6 +92,16 @@ def test_prompt_ids_end_with_the_response_prefix(qwen_tokenizer_dir):
     assert msgs.endswith("<|im_start|>assistant\n")
 
 
+def test_stop_ids_include_the_end_of_turn_token_when_eos_is_end_of_text(tiny_dir):
+    """Guards against `stop_ids` missing <|im_end|> when the tokenizer's EOS is <|endoftext|> (as in
+    the tiny tokenizer and Qwen base models): a chat-tuned policy ends its turn with <|im_end|>, and
+    without it as a stop the completion runs on to max_new_tokens."""
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    assert tok.eos_token_id == ENDOFTEXT_ID
+    assert stop_ids(tok) == sorted({ENDOFTEXT_ID, tok.convert_tokens_to_ids("<|im_end|>")})
+    assert len(stop_ids(tok)) == 2
+
+
 def test_countdown_prefix_is_in_the_prompt_and_in_the_scored_text(qwen_model_dir, monkeypatch, no_object_store):
     """Guards against dropping Countdown's `response_prefix` from the prompt (the model is asked to
     start its turn from nothing) or from the scored text (every format reward becomes 0, since the
