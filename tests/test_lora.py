@@ -274,8 +274,9 @@ def test_bad_adapter_dirs_name_the_file_and_field(tmp_path):
 
 def test_config_errors_name_the_flags():
     """Guards against a bad --lora-* value surfacing as a shape error deep in the model."""
-    for kwargs, flag in ((dict(r=0), "--lora-rank"), (dict(alpha=0.0), "--lora-alpha"),
-                         (dict(dropout=1.0), "--lora-dropout"), (dict(targets="q_proj,embed_tokens"), "--lora-targets")):
+    cases = ((dict(r=0), "--lora-rank"), (dict(alpha=0.0), "--lora-alpha"), (dict(dropout=1.0), "--lora-dropout"),
+             (dict(targets="q_proj,embed_tokens"), "--lora-targets"))
+    for kwargs, flag in cases:
         with pytest.raises(ValueError, match=flag):
             L.LoraConfig(**kwargs)
     assert L.LoraConfig(targets="q_proj, v_proj").targets == ("q_proj", "v_proj")
