@@ -248,12 +248,13 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], so
     if not params:
         raise ValueError(f"{source}: the model has no LoRA adapters to load into (add_lora first)")
     names = {k.removeprefix(PEFT_PREFIX): k for k in state}
-    missing, unexpected = sorted(set(params) - set(names)), sorted(set(names) - set(params))
+    missing = sorted(PEFT_PREFIX + n for n in set(params) - set(names))
+    unexpected = sorted(names[n] for n in set(names) - set(params))  # as the file spells them
     bad = [f"{names[n]}: {tuple(state[names[n]].shape)} vs model {tuple(p.shape)}"
            for n, p in params.items() if n in names and state[names[n]].shape != p.shape]
     problems = [f"{what} {lst[:3]}{' ...' if len(lst) > 3 else ''}" for what, lst in
-                (("missing", [PEFT_PREFIX + n for n in missing]), ("unexpected", unexpected),
-                 ("mis-shaped (a different --lora-rank?)", bad)) if lst]
+                (("missing", missing), ("unexpected", unexpected),
+                 ("mis-shaped (another rank?)", bad)) if lst]
     if problems:
         raise ValueError(f"{source} does not fit the model's adapters: " + "; ".join(problems))
     for n, p in params.items():

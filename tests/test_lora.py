@@ -259,6 +259,11 @@ def test_bad_adapter_dirs_name_the_file_and_field(tmp_path):
         L.load_adapter(with_lora(ours_base()), d)
     with pytest.raises(ValueError, match=r"adapter_model.safetensors does not fit .*mis-shaped"):
         load_with(r=8)  # a fresh model takes the config's rank; the tensors are rank 4
+    with pytest.raises(ValueError, match=r"safetensors does not fit .*unexpected \['base_model.model.model.layers.0.mlp"):
+        load_with(target_modules=["q_proj"])  # the file holds all seven projections' adapters
+    with pytest.raises(ValueError, match=r"adapter_config.json: field target_modules=\['q_proj'\] .* have"):
+        cfg_file.write_text(json.dumps({**good, "target_modules": ["q_proj"]}))
+        L.load_adapter(with_lora(ours_base()), d)
     for field, value in (("use_dora", True), ("bias", "all"), ("use_rslora", True), ("peft_type", "IA3")):
         with pytest.raises(ValueError, match=f"adapter_config.json: field {field}"):
             load_with(**{field: value})
