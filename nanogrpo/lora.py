@@ -98,11 +98,16 @@ class LoraLinear(Linear):
             self.lora_B.weight.zero_()
         self.scale, self.p_drop = cfg.scale, cfg.dropout
         self.disabled = False
-        self.pristine: torch.Tensor | None = None  # the base weight while merged, else None
+        self.pristine: torch.Tensor | None = None  # the base weight while merged with keep_base
+        self.in_place = False  # merged into the base weight itself (no kept copy)
+
+    @property
+    def merged(self) -> bool:
+        return self.pristine is not None or self.in_place
 
     def forward(self, x):
         y = super().forward(x)  # (..., out)
-        if self.disabled or self.pristine is not None:
+        if self.disabled or self.merged:
             return y
         if self.p_drop and self.training:
             x = F.dropout(x, self.p_drop, training=True)
@@ -166,7 +171,7 @@ def add_lora(model: Qwen2, cfg: LoraConfig, seed: int = 0) -> Qwen2:
 def adapters_off(model: nn.Module):
     """The base model inside the block (the KL reference policy): same weights, adapters skipped."""
     mods = [m for _, m in lora_modules(model)]
-    if any(m.pristine is not None for m in mods):
+    if any(m.merged for m in mods):
         # Merged weights hold the adapters; skipping the adapter path would not give the base.
         raise RuntimeError("adapters_off on a merged model: unmerge(model) first")
     before = [m.disabled for m in mods]
@@ -180,27 +185,63 @@ def adapters_off(model: nn.Module):
 
 
 @torch.no_grad()
-def merge(model: nn.Module) -> nn.Module:
-    """Fold each adapter into its base weight. The base tensor is kept aside (one extra copy of the
-    target weights) so `unmerge` is exact and later `apply_adapters` re-merge from the true base
-    instead of accumulating rounding from repeated add/subtract."""
+def merge(model: nn.Module, keep_base: bool = True) -> nn.Module:
+    """Fold each adapter into its base weight, so a forward costs what the base model's does.
+
+    keep_base=True: the base tensor is kept aside (one extra copy of the target weights), so
+    `unmerge` is bitwise exact in any dtype and `apply_adapters` rewrites base + new update from it:
+    no error accumulates over versions. keep_base=False (fp32 only): merged into the one copy;
+    `unmerge` and each new version subtract the old update and add the new one, which rounds by
+    about an ulp of the weight per version (measured in tests/test_lora.py), so the base drifts slowly.
+    """
     for _, m in lora_modules(model):
-        if m.pristine is None:
+        if m.merged:
+            continue
+        if keep_base:
             m.pristine = m.weight.data
             m.weight.data = m.write_effective(m.pristine)
+        elif m.weight.dtype != torch.float32:
+            # One bf16 rounding per version would move the base by ~0.4% of each weight per step.
+            raise ValueError(f"merge(keep_base=False) needs fp32 weights, not {m.weight.dtype}")
+        else:
+            m.weight.data.addmm_(m.lora_B.weight, m.lora_A.weight, alpha=m.scale)
+            m.in_place = True
     return model
 
 
+@torch.no_grad()
 def unmerge(model: nn.Module) -> nn.Module:
-    """Put the kept base weights back (bitwise the weights before `merge`)."""
+    """Take the adapters back out: the kept base (bitwise the weights before `merge`), or, merged
+    in place, the weight minus the update."""
     for _, m in lora_modules(model):
         if m.pristine is not None:
             m.weight.data, m.pristine = m.pristine, None
+        elif m.in_place:
+            m.weight.data.addmm_(m.lora_B.weight, m.lora_A.weight, alpha=-m.scale)
+            m.in_place = False
     return model
 
 
 def is_merged(model: nn.Module) -> bool:
-    return any(m.pristine is not None for _, m in lora_modules(model))
+    return any(m.merged for _, m in lora_modules(model))
+
+
+@contextmanager
+def _changing_adapters(model: nn.Module):
+    """Around a write into the adapters: in-place merged weights lose the old update before it and
+    gain the new one after; kept-base merged weights are rewritten from the base."""
+    mods = [m for _, m in lora_modules(model)]
+    for m in mods:
+        if m.in_place:
+            m.weight.data.addmm_(m.lora_B.weight, m.lora_A.weight, alpha=-m.scale)
+    try:
+        yield
+    finally:
+        for m in mods:
+            if m.in_place:
+                m.weight.data.addmm_(m.lora_B.weight, m.lora_A.weight, alpha=m.scale)
+            elif m.pristine is not None:
+                m.write_effective(m.pristine, out=m.weight.data)
 
 
 @torch.no_grad()
@@ -208,7 +249,7 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """HF name (`...q_proj.weight`) -> base + scale * B @ A of every adapted projection."""
     out = {}
     for name, m in lora_modules(model):
-        out[f"{name}.weight"] = m.weight.detach().clone() if m.pristine is not None else m.write_effective(m.weight)
+        out[f"{name}.weight"] = m.weight.detach().clone() if m.merged else m.write_effective(m.weight)
     return out
 
 
@@ -257,15 +298,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], so
                  ("mis-shaped (another rank?)", bad)) if lst]
     if problems:
         raise ValueError(f"{source} does not fit the model's adapters: " + "; ".join(problems))
-    for n, p in params.items():
-        p.copy_(state[names[n]])
-    _remerge(model)
-
-
-def _remerge(model: nn.Module):
-    for _, m in lora_modules(model):
-        if m.pristine is not None:
-            m.write_effective(m.pristine, out=m.weight.data)
+    with _changing_adapters(model):
+        for n, p in params.items():
+            p.copy_(state[names[n]])
 
 
 def adapter_config_dict(cfg: LoraConfig, base_model_name_or_path: str | None = None) -> dict:
@@ -419,7 +454,7 @@ def apply_adapters(model: nn.Module, packed: PackedAdapters):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # object-store arrays are read-only; we only read
         flat = torch.from_numpy(packed.buffer)
-    for name, shape, off in packed.layout:
-        p = params[name]
-        p.copy_(flat[off: off + p.numel()].view(shape), non_blocking=True)
-    _remerge(model)
+    with _changing_adapters(model):
+        for name, shape, off in packed.layout:
+            p = params[name]
+            p.copy_(flat[off: off + p.numel()].view(shape), non_blocking=True)
