@@ -9,8 +9,9 @@ A (r, in) and B (out, r), B starting at zero so step 0 is the base model. Here:
     adds `lora_A.weight` / `lora_B.weight` beside them. The base is frozen; A and B are fp32 even when
     the base is bf16, since a bf16 adapter rounds away most of each small update.
   * `adapters_off(model)`: the base model for a KL reference, with no second copy of the weights.
-  * `merge` / `unmerge`: fold the adapters into the base weights for fast inference; the base is kept
-    aside while merged, so unmerge restores it bit for bit in any dtype.
+  * `merge` / `unmerge`: fold the adapters into the base weights for fast inference, either keeping
+    the base aside (unmerge restores it bit for bit, in any dtype) or in place in fp32 (the base held
+    once; each version rounds by about an ulp). `merge_for_rollouts` picks the workers' default.
   * `adapter_state_dict` / `save_adapter` / `load_adapter`: PEFT's saved key names
     (`base_model.model.<name>.lora_A.weight`, no adapter name) and its directory layout
     (`adapter_config.json` + `adapter_model.safetensors`), readable by `peft.PeftModel.from_pretrained`.
@@ -21,6 +22,7 @@ No Ray, no PEFT import: PEFT is only a reader/writer of the same files.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -201,7 +203,7 @@ def merge(model: nn.Module, keep_base: bool = True) -> nn.Module:
             m.pristine = m.weight.data
             m.weight.data = m.write_effective(m.pristine)
         elif m.weight.dtype != torch.float32:
-            # One bf16 rounding per version would move the base by ~0.4% of each weight per step.
+            # Each bf16 rounding moves a weight by up to half a bf16 ulp (0.2% of it), twice a version.
             raise ValueError(f"merge(keep_base=False) needs fp32 weights, not {m.weight.dtype}")
         else:
             m.weight.data.addmm_(m.lora_B.weight, m.lora_A.weight, alpha=m.scale)
@@ -214,8 +216,8 @@ def merge_for_rollouts(model: nn.Module) -> nn.Module:
     base's does while unmerged adapters cost two extra matmuls per projection per step (bench/lora.py:
     unmerged generation 1.11x the base's on the SmolLM2 shape, 1.4x on a tiny model, fp32 CPU), and
     taking a version costs far less than one rollout call. fp32 weights merge in place, so the
-    worker holds the base once; other dtypes keep the base aside, since one rounding per version in
-    bf16 would drift the weights by ~0.4% of their size per step."""
+    worker holds the base once; other dtypes keep the base aside, since in place each version would
+    round every bf16 weight twice (up to 0.2% of it each time) and the errors would add up."""
     return merge(model, keep_base=model.lm_head.weight.dtype != torch.float32)
 
 
@@ -446,6 +448,16 @@ def pack_adapters(model: nn.Module, version: int) -> PackedAdapters:
     # One cat on the adapters' device, then one device-to-host copy (not one per matrix).
     flat = torch.cat([p.reshape(-1) for _, p in items]).to("cpu", torch.float32)  # (n,)
     return PackedAdapters(version, model.lora_config.scale, layout, flat.numpy())
+
+
+def adapter_digest(model: nn.Module) -> str:
+    """sha256 of the adapters' fp32 bytes in name order: equal on a learner and a worker that took
+    its version, merged or not (a digest of all weights differs there: merged weights hold the update)."""
+    h = hashlib.sha256()
+    for name, p in lora_parameters(model):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 @torch.no_grad()

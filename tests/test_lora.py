@@ -188,7 +188,7 @@ def test_only_adapters_train():
 def test_packed_adapters_are_adapter_bytes():
     """Guards against a LoRA weight sync that ships the whole model (or the base beside the
     adapters), or loses part of an adapter: the packed buffer is exactly the adapter bytes and
-    unpacks to the same tensors."""
+    unpacks to the same tensors, whose digest (the sync-integrity check) matches the learner's."""
     model = with_lora(ours_base(seed=8))
     packed = L.pack_adapters(model, version=3)
     adapter_bytes = sum(p.numel() * p.element_size() for _, p in L.lora_parameters(model))
@@ -199,6 +199,10 @@ def test_packed_adapters_are_adapter_bytes():
     L.apply_adapters(other, packed)
     for (n, p), (m, q) in zip(L.lora_parameters(model), L.lora_parameters(other)):
         assert n == m and torch.equal(p, q)
+    assert L.adapter_digest(L.merge_for_rollouts(other)) == L.adapter_digest(model)
+    with torch.no_grad():
+        next(p for _, p in L.lora_parameters(other)).view(-1)[0] += 1e-3
+    assert L.adapter_digest(other) != L.adapter_digest(model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
