@@ -57,14 +57,14 @@ def with_lora(model: Qwen2, cfg=None, seed: int = 3) -> Qwen2:
 @pytest.mark.parametrize("tied,targets", [(False, ("q_proj", "v_proj", "down_proj")), (True, L.DEFAULT_TARGETS)])
 def test_peft_loads_our_adapters_with_the_same_logits(tmp_path, tied, targets):
     """Guards against PEFT-incompatible key names (an adapter name in the keys, a missing
-    `base_model.model.` prefix: PEFT then silently leaves its adapters at init), a wrong scaling
+    `base_model.model.` prefix: PEFT then leaves its adapters at init with only a warning), a wrong scaling
     (alpha/r), A/B transposed, or a config field PEFT reads differently."""
     peft = pytest.importorskip("peft")
     hf, base_dir = hf_base(tmp_path, tied)
     ours = with_lora(Qwen2.from_pretrained(base_dir).eval(), L.LoraConfig(r=4, alpha=12.0, targets=targets))
     L.save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(base_dir))
-    keys = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert keys["r"] == 4 and keys["lora_alpha"] == 12 and sorted(keys["target_modules"]) == sorted(targets)
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert written["r"] == 4 and written["lora_alpha"] == 12 and sorted(written["target_modules"]) == sorted(targets)
     pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
     with torch.no_grad():
         ref, got = pm(IDS).logits, ours(IDS)
