@@ -219,8 +219,19 @@ def load_run_state(path: str | Path) -> tuple[dict, dict]:
     return state, opt
 
 
+def restore_swapped_out(ckpts: Path):
+    """Put back a checkpoint that `replace_dir` swapped out to `.NAME.old-PID` when the process died
+    before the new one took its name (saving the same step twice: two renames, no atomic exchange)."""
+    for old in ckpts.glob(".step-*.old-*"):
+        name = ckpts / old.name[1:].rsplit(".old-", 1)[0]
+        if not name.exists():
+            os.replace(old, name)
+
+
 def latest_run_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest checkpoint under run_dir/checkpoints that passes `check_run_checkpoint`."""
+    if Path(run_dir, "checkpoints").is_dir():
+        restore_swapped_out(Path(run_dir, "checkpoints"))
     for d in sorted(Path(run_dir, "checkpoints").glob("step-*"), reverse=True):
         try:
             check_run_checkpoint(d)
