@@ -80,20 +80,21 @@ def test_wandb_offline_gets_every_step(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     _write_run(tmp_path, "wandb")
     (path,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    got, config, image_steps = {}, {}, []
+    got, config, image_steps, kinds = {}, {}, [], []
     for data in _leveldb_records(path):
         rec = pb.Record()
         rec.ParseFromString(data)
-        kind = rec.WhichOneof("record_type")
-        if kind == "history":
+        kinds.append(rec.WhichOneof("record_type"))
+        if kinds[-1] == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
             for k, v in items.items():
-                if not k.startswith("_") and "/" not in k:
-                    got.setdefault(k, {})[items["_step"]] = v
+                if k != "step" and not k.startswith("_") and "/" not in k:
+                    got.setdefault(k, {})[items["step"]] = v
             if "curves/_type" in items:
-                image_steps.append(items["_step"])
-        elif kind == "run":
+                image_steps.append(items["step"])
+        elif kinds[-1] == "run":
             config = {i.key: json.loads(i.value_json) for i in rec.run.config.update}
+    assert kinds.count("history") == STEPS + 1 and kinds[-1] == "exit", kinds  # + 1: the image's row
     _assert_every_step(got)
     assert config["lr"] == 3e-4 and config["group_size"] == 4
     assert image_steps == [STEPS]
