@@ -23,8 +23,10 @@ Formulas (per completion token t of sequence i, mask m_it, group g(i) of G sampl
               seq-mean-token-mean     mean_i [ sum_t(L m) / sum_t(m) ]        original GRPO
               seq-mean-token-sum-norm sum(L m) / (num_seqs * norm_len)        Dr. GRPO (constant norm)
 
-Every clamp is at +-20 (LOG_RATIO_CLAMP): past it the gradient through that exp is 0, which only
-touches tokens the clip range has long cut off. The options live in one frozen `LossConfig`.
+Every clamp is at +-20 (LOG_RATIO_CLAMP) and past it the gradient through that exp is 0: for the
+ratio that only touches tokens the clip range (or the dual clip) has long cut off, or whose term is
+e^-20 small; for the KL it caps the penalty of a token 20 nats from the reference instead of letting
+it reach e^100. The options live in one frozen `LossConfig`.
 What is "old" is the caller's choice: the sampler's log-probs, or (the learner's default) the
 learner's own pre-update log-probs, so top-p/top-k truncation of the sampled distribution does not
 show up as a ratio < 1 on fresh tokens. The TIS weight multiplies only the policy term (the

@@ -70,13 +70,18 @@ class _Wandb:
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanogrpo"), name=run_dir.name,
                               dir=str(run_dir), config=run_config)
+        # Our step is a logged value that every metric is plotted against, not wandb's own step
+        # counter: wandb drops any row logged at a step below its counter, and the image at the end
+        # shares the last step's value.
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")
 
     def log(self, scalars: dict, step: int):
-        self.run.log(scalars, step=step)
+        self.run.log({"step": step, **scalars})
 
     def close(self, image: Path | None, step: int):
         if image is not None:
-            self.run.log({"curves": self.wandb.Image(str(image))}, step=step)
+            self.run.log({"step": step, "curves": self.wandb.Image(str(image))})
         self.run.finish()
 
 
