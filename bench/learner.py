@@ -116,7 +116,8 @@ def peer_batches(table: pa.Table, G: int, budget: int) -> tuple[list[dict], floa
 # ----------------------------------------------------------------------------- the two sides
 class Ours:
     def __init__(self, model_dir: str, G: int, groups: int, budget: int, threads: int):
-        cfg = RunConfig(group_size=G, prompts_per_step=groups, micro_batch_tokens=budget, lr=LR)
+        cfg = RunConfig(group_size=G, prompts_per_step=groups, micro_batch_tokens=budget, lr=LR,
+                        old_logprobs="sampler")  # the peer takes its ratio to the sampler too
         self.core = LearnerCore(vars(cfg), model_dir, threads=threads)
         self.model = self.core.model
 
