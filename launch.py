@@ -213,7 +213,8 @@ def run(cfg, given: set[str]) -> Path:
                                                       str(ckpt) if ckpt else None)
     log(f"learner on {info[0]['device']} (node {info[0]['node'][:8]}), {len(workers)} rollout workers on "
         f"{', '.join(i['device'] + '@' + i['node'][:8] for i in info[1:])}")
-    metrics_log = MetricsLog(run_dir, start_step if ckpt else None)
+    metrics_log = MetricsLog(run_dir, start_step if ckpt else None, report_to=cfg.report_to,
+                             run_config=json.loads(cfg.to_json()))
     W, B, k = len(workers), cfg.prompts_per_step, cfg.max_staleness
     pids = [i["pid"] for i in info[1:]]  # a changed pid means Ray restarted that worker
     down = [False] * W  # a call failed and the restarted process has not answered yet
@@ -448,6 +449,7 @@ def run(cfg, given: set[str]) -> Path:
 
     from nanogrpo.plot import plot_run
     png = plot_run(run_dir / "metrics.csv", run_dir / "curves.png")
+    metrics_log.close(png)  # the --report-to sinks get the curves and end their runs
     summary = {"steps": step, "wall_seconds": round(wall, 1), "interrupted": interrupted,
                "eval_first": eval_hist[0][1] if eval_hist else None,
                "eval_last": eval_hist[-1][1] if eval_hist else None,

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ import torch
 from learner.broadcast import free_port
 from nanogrpo.checkpoint import load_run_state, local_model_dir, save_run_checkpoint
 from nanogrpo.episode import group_tensors
-from nanogrpo.grpo import group_advantages, grpo_loss, token_logprobs
+from nanogrpo.grpo import (LossConfig, group_advantages, grpo_loss, overlong_penalty, reduce_loss_metrics,
+                           token_logprobs)
 from nanogrpo.heap import keep_heap
 from nanogrpo.model import Qwen2
 from nanogrpo.optim import CPUOffloadAdamW, clip_grad_norm_, param_groups
@@ -57,6 +59,30 @@ def auto_threads(cores: int, colocated_threads: int) -> int:
     made a step 1.2x faster than a single learner thread (0.27 vs 0.33 s)."""
     free = cores - colocated_threads
     return free if free >= 2 else cores
+
+
+def step_metrics(b: dict, version: int, counts: dict) -> dict:
+    """The step's row (besides the loss metrics): rewards, lengths, staleness, truncation and the
+    log-prob gap, from the step batch `b` (LearnerCore._step_batch), the policy version the step
+    produced and the micro-batches' summed counts. Nothing here depends on the micro-batch split."""
+    rewards, adv, versions = b["rewards"], b["adv"], b["versions"]
+    stale = (version - 1 - versions).float()  # (N,) versions behind the policy that trained on it
+    n_tok = counts.get("tokens", 0)
+    return {
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "success_rate": float((b["answers"] == 1.0).float().mean()),
+        "format_rate": float((b["formats"] > 0).float().mean()),
+        "response_len": float(b["completion_lens"].float().mean()),
+        "adv_mean": float(adv.mean()), "adv_std": float(adv.std(correction=0)),
+        "zero_var_frac": float(b["zero_var"].float().mean()),
+        "truncated_frac": float(b["truncated"].float().mean()),
+        "pg_masked_frac": float(b["pg_masked"].float().mean()),
+        "overlong_penalty": float(b["penalty"].mean()),
+        "staleness_mean": float(stale.mean()), "staleness_max": float(stale.max()),
+        "logprob_gap": counts["gap_sum"] / n_tok if n_tok else float("nan"),  # nan: no token trained
+        "logprob_gap_onpolicy": counts["gap_on_sum"] / counts["gap_on_n"] if counts.get("gap_on_n") else float("nan"),
+        "train_tokens": float(n_tok), "version": version,
+    }
 
 
 class LearnerCore:
@@ -131,103 +157,120 @@ class LearnerCore:
         self.opt.zero_grad(set_to_none=True)
         return norm, True
 
+    @cached_property
+    def loss_cfg(self) -> LossConfig:
+        return LossConfig.from_run_config(self.cfg, norm_len=self._max_new())
+
     def train_step(self, table) -> tuple[dict, list]:
         """One GRPO update on a table of whole groups. -> (metrics, [weights ref of the new version])."""
         t_start = time.perf_counter()
         idle = 0.0 if self.last_end is None else t_start - self.last_end
-        cfg, G = self.cfg, self.cfg.group_size
-        table = table.sort_by("group_id")  # arrival order must not change the result
-        batch = group_tensors(table, pad_id=0)
-        sizes = torch.bincount(batch["index"]).tolist()  # rows per group
-        if any(s != G for s in sizes):
-            raise ValueError(f"learner got groups of sizes {sorted(set(sizes))}, expected {G}")
-        rewards, versions = batch["rewards"], batch["versions"]
-        adv, zero_var = group_advantages(rewards, G, scale_std=cfg.scale_std)
-        keep = torch.ones_like(zero_var)
-        if cfg.drop_zero_var and cfg.kl_coef == 0 and cfg.entropy_coef == 0:
-            # A zero-variance group has zero advantage: it adds nothing but denominator weight.
-            keep = ~zero_var
-        groups = keep.nonzero().squeeze(-1).tolist()
-        p_lens, c_lens = batch["prompt_lens"], batch["completion_lens"]
-
-        def rows_of(gi: torch.Tensor) -> torch.Tensor:  # group indices -> their rows (contiguous, G each)
-            return (gi[:, None] * G + torch.arange(G)).flatten()
-        kept_rows = rows_of(torch.tensor(groups, dtype=torch.long))
-        tok_den = float(c_lens[kept_rows].sum()) if groups else 1.0
-        seq_den = float(len(kept_rows)) or 1.0
-        sums, n_tok = {}, 0
-        gap_sum, gap_n, gap_on_sum, gap_on_n = 0.0, 0, 0.0, 0
-        use_amp = self.device.type == "cuda"
+        b = self._step_batch(table)
+        groups = self._groups_to_train(b)
+        # The step's denominators count every row it took, trained or skipped, so neither
+        # --drop-zero-var nor the micro-batch split changes the loss scale.
+        dens = (float(b["completion_lens"].sum()), float(len(b["rewards"])))
         self.model.train()
-        longest = c_lens.view(-1, G).max(-1).values.tolist()  # per group
-        for mb in micro_batches([int(p_lens[g]) for g in groups], [longest[g] for g in groups], G,
-                                cfg.micro_batch_tokens):
-            gi = torch.tensor([groups[j] for j in mb])  # (g,) groups
-            idx = rows_of(gi)  # (b,) rows
-            Tp, Tc = int(p_lens[gi].max()), int(c_lens[idx].max())
-            prompts, plen = batch["prompt_ids"][gi, :Tp].to(self.device), p_lens[gi].to(self.device)
-            comp, clen = batch["completion_ids"][idx, :Tc].to(self.device), c_lens[idx].to(self.device)  # (b, Tc), (b,)
-            row_prompt = torch.arange(len(mb), device=self.device).repeat_interleave(G)
-            mask = torch.arange(Tc, device=self.device)[None] < clen[:, None]  # (b, Tc)
-            old = batch["old_logprobs"][idx, :Tc].to(self.device)
-            # Each prompt runs once for its G completions; logits only where a completion token is predicted.
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = self.model.lm_head(self.model.completion_hidden(prompts, plen, comp, row_prompt, clen))
-            logp, ent = token_logprobs(logits, comp, cfg.temperature, with_entropy=True)
-            if cfg.entropy_coef == 0:
-                ent = ent.detach()
-            ref_logp = None
-            if self.ref is not None:
-                with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    ref_hidden = self.ref.completion_hidden(prompts, plen, comp, row_prompt, clen)
-                    ref_logp = token_logprobs(self.ref.lm_head(ref_hidden), comp, cfg.temperature)
-            stale = (versions[idx] < self.version).to(self.device)
-            prox = None
-            if cfg.tis_cap > 0 and bool(stale.any()):
-                prox = logp.detach()  # decoupled PPO: proximal policy = the pre-step learner
-            loss, m = grpo_loss(logp, old, adv[idx].to(self.device), mask.float(), ref_logprobs=ref_logp,
-                                prox_logprobs=prox, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, loss_agg=cfg.loss_agg,
-                                tis_cap=cfg.tis_cap if cfg.tis_cap > 0 else None, entropy=ent,
-                                entropy_coef=cfg.entropy_coef, norm_len=self._max_new(),
-                                token_denominator=tok_den, seq_denominator=seq_den)
-            loss.backward()
-            ntok = int(mask.sum())
-            for k, v in m.items():  # token-weighted average of the micro-batch metrics
-                sums[k] = sums.get(k, 0.0) + float(v) * ntok
-            n_tok += ntok
-            gap = ((logp.detach() - old).abs() * mask)
-            gap_sum, gap_n = gap_sum + float(gap.sum()), gap_n + ntok
-            on = mask & ~stale[:, None]
-            gap_on_sum, gap_on_n = gap_on_sum + float((gap * on).sum()), gap_on_n + int(on.sum())
+        parts, counts = [], {}
+        for gi in self._plan(b, groups):
+            m, c = self._micro_batch(b, gi, dens)
+            parts.append((m, c["tokens"]))
+            counts = {k: counts.get(k, 0) + v for k, v in c.items()}
         lr = self._lr(self.version)
-        if groups:
-            grad_norm, ok = self._apply_grads(lr)
-        else:
-            grad_norm, ok = 0.0, True
-        skipped = not ok
-        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        grad_norm, ok = self._apply_grads(lr) if groups else (0.0, True)
+        self.skipped_in_a_row = 0 if ok else self.skipped_in_a_row + 1
         self.version += 1
-        metrics = {k: v / max(n_tok, 1) for k, v in sums.items()}
-        comp_len = c_lens.float()
-        answers = table.column("reward_answer").to_numpy()
-        metrics.update({
-            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "success_rate": float((answers == 1.0).mean()),
-            "format_rate": float((table.column("reward_format").to_numpy() > 0).mean()),
-            "response_len": float(comp_len.mean()), "grad_norm": grad_norm, "lr": lr,
-            "zero_var_frac": float(zero_var.float().mean()), "skipped_step": float(skipped),
-            "staleness_mean": float((self.version - 1 - versions).float().mean()),
-            "staleness_max": float((self.version - 1 - versions).max()),
-            "logprob_gap": gap_sum / gap_n if gap_n else float("nan"),  # nan: no token trained this step
-            "logprob_gap_onpolicy": gap_on_sum / gap_on_n if gap_on_n else float("nan"),
-            "train_tokens": float(n_tok), "learner_idle_s": idle, "version": self.version,
-            "skipped_in_a_row": self.skipped_in_a_row,
-        })
+        metrics = {**reduce_loss_metrics(parts), **step_metrics(b, self.version, counts),
+                   "grad_norm": grad_norm, "lr": lr, "skipped_step": float(not ok),
+                   "skipped_in_a_row": self.skipped_in_a_row, "learner_idle_s": idle}
         weights = self.publish()
         self.last_end = time.perf_counter()
         metrics["train_seconds"] = self.last_end - t_start
         return metrics, weights
+
+    def _step_batch(self, table) -> dict:
+        """The step's tensors (see group_tensors) plus the shaped advantages and truncation flags."""
+        cfg, G = self.cfg, self.cfg.group_size
+        table = table.sort_by("group_id")  # arrival order must not change the result
+        b = group_tensors(table, pad_id=0)
+        sizes = torch.bincount(b["index"]).tolist()  # rows per group
+        if any(s != G for s in sizes):
+            raise ValueError(f"learner got groups of sizes {sorted(set(sizes))}, expected {G}")
+        b["truncated"] = torch.tensor([r == "length" for r in table.column("finish_reason").to_pylist()])  # (N,)
+        b["penalty"] = overlong_penalty(b["completion_lens"], self._max_new(), cfg.overlong_buffer,
+                                        cfg.overlong_penalty)  # (N,) <= 0
+        adv, b["zero_var"] = group_advantages(b["rewards"] + b["penalty"], G, scale_std=cfg.scale_std)
+        # --mask-truncated: a truncated row keeps its place in its group's baseline but gets no
+        # policy gradient of its own (advantage 0); its KL/entropy terms and tokens still count.
+        b["pg_masked"] = b["truncated"] & cfg.mask_truncated
+        b["adv"] = torch.where(b["pg_masked"], 0.0, adv)  # (N,)
+        b["answers"] = torch.from_numpy(table.column("reward_answer").to_numpy().copy())
+        b["formats"] = torch.from_numpy(table.column("reward_format").to_numpy().copy())
+        return b
+
+    def _groups_to_train(self, b) -> list[int]:
+        """Every group, less (with --drop-zero-var) those whose update is exactly 0: all advantages 0
+        and no KL or entropy term, which would still pull on them."""
+        no_signal = (b["adv"].view(-1, self.cfg.group_size) == 0).all(-1)  # (groups,)
+        if self.cfg.drop_zero_var and self.cfg.kl_coef == 0 and self.cfg.entropy_coef == 0:
+            return (~no_signal).nonzero().squeeze(-1).tolist()
+        return list(range(len(no_signal)))
+
+    def _plan(self, b, groups: list[int]) -> list[torch.Tensor]:
+        """The micro-batches: tensors of group indices, packed under --micro-batch-tokens."""
+        longest = b["completion_lens"].view(-1, self.cfg.group_size).max(-1).values.tolist()  # per group
+        mbs = micro_batches([int(b["prompt_lens"][g]) for g in groups], [longest[g] for g in groups],
+                            self.cfg.group_size, self.cfg.micro_batch_tokens)
+        return [torch.tensor([groups[j] for j in mb]) for mb in mbs]
+
+    def _micro_batch(self, b, gi: torch.Tensor, dens: tuple[float, float]) -> tuple[dict, dict]:
+        """Forward, loss and backward of the groups gi (g,). -> (grpo_loss metrics, counts to sum:
+        trained tokens, and the learner-vs-sampler log-prob gap over all and over fresh tokens)."""
+        G, dev = self.cfg.group_size, self.device
+        idx = (gi[:, None] * G + torch.arange(G)).flatten()  # (b,) rows, G per group, contiguous
+        Tp, Tc = int(b["prompt_lens"][gi].max()), int(b["completion_lens"][idx].max())
+        comp, clen = b["completion_ids"][idx, :Tc].to(dev), b["completion_lens"][idx].to(dev)  # (b, Tc), (b,)
+        inputs = (b["prompt_ids"][gi, :Tp].to(dev), b["prompt_lens"][gi].to(dev), comp,
+                  torch.arange(len(gi), device=dev).repeat_interleave(G), clen)
+        mask = torch.arange(Tc, device=dev)[None] < clen[:, None]  # (b, Tc)
+        sampler = b["old_logprobs"][idx, :Tc].to(dev)  # (b, Tc)
+        logp, ent = self._logprobs(self.model, inputs, with_entropy=True)
+        if self.cfg.entropy_coef == 0:
+            ent = ent.detach()
+        ref_logp = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_logp = self._logprobs(self.ref, inputs)
+        stale = (b["versions"][idx] < self.version).to(dev)  # (b,)
+        old, prox = self._pi_old(logp.detach(), sampler, stale)
+        loss, m = grpo_loss(logp, old, b["adv"][idx].to(dev), mask, self.loss_cfg, ref_logprobs=ref_logp,
+                            prox_logprobs=prox, entropy=ent, token_denominator=dens[0], seq_denominator=dens[1])
+        loss.backward()
+        gap = (logp.detach() - sampler).abs() * mask  # (b, Tc)
+        on = mask & ~stale[:, None]
+        return m, {"tokens": int(mask.sum()), "gap_sum": float(gap.sum()),
+                   "gap_on_sum": float((gap * on).sum()), "gap_on_n": int(on.sum())}
+
+    def _logprobs(self, model: Qwen2, inputs: tuple, with_entropy: bool = False):
+        """Log-probs (b, Tc) [and entropy] of the completions; logits only where a completion token
+        is predicted, each prompt run once for its G completions (bf16 autocast on CUDA)."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = model.lm_head(model.completion_hidden(*inputs))  # (b, Tc, V)
+        return token_logprobs(logits, inputs[2], self.cfg.temperature, with_entropy=with_entropy)
+
+    def _pi_old(self, learner: torch.Tensor, sampler: torch.Tensor, stale: torch.Tensor):
+        """(old, prox) for grpo_loss, row by row, from the learner's detached log-probs and the
+        sampler's (b, Tc) and the rows' staleness (b,):
+          fresh, --old-logprobs learner: old = prox = learner's (the step is one optimizer update, so
+              the differentiated forward's own values are pi_old: no extra forward; ratio exactly 1)
+          fresh, --old-logprobs sampler: old = prox = sampler's (plain ratio to the sampler)
+          stale, --tis-cap > 0: prox = learner's, old = sampler's (decoupled PPO, weight min(w, cap))
+          stale, --tis-cap 0: old = prox = sampler's (plain importance ratio to the sampler)"""
+        own = ~stale if self.cfg.old_logprobs == "learner" else torch.zeros_like(stale)  # (b,)
+        decoupled = stale & (self.cfg.tis_cap > 0)
+        old = torch.where(own[:, None], learner, sampler)
+        prox = torch.where((own | decoupled)[:, None], learner, sampler)
+        return old, prox
 
     def _max_new(self) -> int:
         return self.cfg.max_new_tokens or 256

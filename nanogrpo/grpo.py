@@ -5,32 +5,44 @@ Formulas (per completion token t of sequence i, mask m_it, group g(i) of G sampl
   advantage   A_i = (r_i - mean_g r) / (std_g r + eps)          DeepSeekMath GRPO (Shao et al. 2024)
               A_i =  r_i - mean_g r                             Dr. GRPO, `scale_std=False` (Liu et al. 2025)
               std_g is the *sample* (unbiased, /(G-1)) std, as DeepSeekMath and TRL use.
-  ratio       rho_it = exp(logp_it - base_it)                   base = old (behaviour) log-probs, or
+  overlong    r_i += -p * max(0, |y_i| - (L_max - L_buf)) / L_buf    DAPO soft overlong punishment
+              (optional, applied by the caller before the advantage; see `overlong_penalty`)
+  ratio       rho_it = exp(clamp(logp_it - base_it, -20, 20))   base = old (behaviour) log-probs, or
                                                                 prox log-probs in decoupled mode
   policy term pg_it = -min(rho A_i, clip(rho, 1-clip_low, 1+clip_high) A_i)
                                                                 clip-higher: DAPO (Yu et al. 2025)
-  decoupled   pg_it *= w_it = min(exp(prox_it - old_it), tis_cap)   decoupled PPO (Hilton et al. 2022,
-              "Batch size-invariance for policy optimization"); w truncated as in TIS / IMPALA
-  KL          d = ref - logp;  k1 = -d,  k2 = d^2/2,  k3 = exp(d) - d - 1   (Schulman, "Approximating
-              KL divergence", 2020); per-token KL penalty as in DeepSeekMath (k3)
+  dual clip   pg_it = min(pg_it, c |A_i|)  where A_i < 0       Ye et al. 2020 ("Mastering complex
+              control in MOBA games"), c = clip_ratio_c as in veRL; bounds the loss of a token whose
+              ratio blew up under a negative advantage
+  decoupled   pg_it *= w_it = min(exp(clamp(prox_it - old_it)), tis_cap)   decoupled PPO (Hilton et
+              al. 2022, "Batch size-invariance for policy optimization"); w truncated as in TIS / IMPALA
+  KL          d = clamp(ref - logp);  k1 = -d,  k2 = d^2/2,  k3 = exp(d) - d - 1   (Schulman,
+              "Approximating KL divergence", 2020); per-token KL penalty as in DeepSeekMath (k3)
   per token   L_it = pg_it + kl_coef * kl_it - entropy_coef * H_it
   aggregate   token-mean              sum(L m) / sum(m)                       DAPO token-level loss
               seq-mean-token-mean     mean_i [ sum_t(L m) / sum_t(m) ]        original GRPO
               seq-mean-token-sum-norm sum(L m) / (num_seqs * norm_len)        Dr. GRPO (constant norm)
 
-Simplifications: one policy step per batch is the common case, so `old_logprobs` are the sampler's
-own log-probs (no learner recomputation) unless the caller supplies `prox_logprobs`; the TIS weight
-multiplies only the policy term (the KL/entropy terms are regularisers, not estimates that need
-correcting); k3 is not clamped (verl clamps to [-10, 10]; with a sane kl_coef it never matters).
+Every clamp is at +-20 (LOG_RATIO_CLAMP): past it the gradient through that exp is 0, which only
+touches tokens the clip range has long cut off. The options live in one frozen `LossConfig`.
+What is "old" is the caller's choice: the sampler's log-probs, or (the learner's default) the
+learner's own pre-update log-probs, so top-p/top-k truncation of the sampled distribution does not
+show up as a ratio < 1 on fresh tokens. The TIS weight multiplies only the policy term (the
+KL/entropy terms are regularisers, not estimates that need correcting).
 Padding positions may hold garbage (0, -inf, stale values): every difference is masked to 0 *before*
 exp so neither the loss nor its gradient can turn into NaN there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+# Log-ratios are clamped to +-20 before exp (as veRL does): one bad token cannot give a ratio of 1e10
+# and an inf/NaN gradient; e^20 is far past any clip range, so nothing else changes.
+LOG_RATIO_CLAMP = 20.0
 # One chunk's float32 working copy of the logits: ~256 MiB on a GPU (441 rows at Qwen2's 151,936
 # vocab; few kernel launches), ~8 MiB on a CPU, where each chunk's handful of passes then runs from
 # cache instead of DRAM (measured on 2 cores, 32k vocab: fwd+bwd ~1.6x faster than 256 MiB chunks).
@@ -187,119 +199,191 @@ def _masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where(m, x, 0).sum() / m.sum().clamp(min=1)
 
 
-def _aggregate(
-    x: torch.Tensor,  # (B, T) per-token loss, already finite everywhere
-    m: torch.Tensor,  # (B, T) bool
-    loss_agg: str,
-    norm_len,
-    token_denominator,
-    seq_denominator,
-) -> torch.Tensor:
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) per completion, (N,) <= 0.
+
+    0 up to max_len - buffer tokens, then falling linearly to -penalty at the budget max_len; a
+    completion cannot be longer than the budget here, so DAPO's -1 beyond it never applies.
+    """
+    if buffer <= 0:
+        return torch.zeros(lengths.shape, dtype=torch.float32)
+    if buffer > max_len:
+        raise ValueError(f"--overlong-buffer {buffer} is longer than the completion budget "
+                         f"--max-new-tokens {max_len}")
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0)  # (N,) tokens into the buffer
+    return -penalty * over / buffer
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The loss options of one run (the flags of the same names; see the module docstring)."""
+    clip_low: float = 0.2        # ratio >= 1 - clip_low
+    clip_high: float = 0.2       # ratio <= 1 + clip_high (DAPO clip-higher when > clip_low)
+    clip_ratio_c: float = 3.0    # dual clip: a negative-advantage token's loss is at most c |A| (inf = off)
+    kl_coef: float = 0.0         # KL penalty weight (needs ref_logprobs when > 0)
+    kl_estimator: str = "k3"     # k1 | k2 | k3
+    entropy_coef: float = 0.0    # entropy bonus weight (needs the entropy tensor when != 0)
+    loss_agg: str = "token-mean"  # one of LOSS_AGGS
+    norm_len: int | None = None  # seq-mean-token-sum-norm's constant length
+    tis_cap: float | None = None  # truncation of the decoupled importance weight (None = none)
+
+    def __post_init__(self):
+        if self.loss_agg not in LOSS_AGGS:
+            raise ValueError(f"--loss-agg: {self.loss_agg!r} is not one of {LOSS_AGGS}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"--kl-estimator: {self.kl_estimator!r} is not one of {KL_ESTIMATORS}")
+        if self.loss_agg == "seq-mean-token-sum-norm" and not self.norm_len:
+            raise ValueError("--loss-agg seq-mean-token-sum-norm needs a length to normalise by "
+                             "(--max-new-tokens)")
+        if not self.clip_ratio_c > 1:
+            raise ValueError(f"--clip-ratio-c must be > 1 (inf = off), got {self.clip_ratio_c}")
+
+    @classmethod
+    def from_run_config(cls, cfg, norm_len: int | None = None) -> "LossConfig":
+        """From a RunConfig (or anything with its field names); tis_cap 0 there means "no
+        decoupled mode", so no truncation is needed here."""
+        return cls(clip_low=cfg.clip_low, clip_high=cfg.clip_high, clip_ratio_c=cfg.clip_ratio_c,
+                   kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef,
+                   loss_agg=cfg.loss_agg, norm_len=norm_len, tis_cap=cfg.tis_cap if cfg.tis_cap > 0 else None)
+
+
+def _aggregate(x: torch.Tensor, m: torch.Tensor, cfg: LossConfig, token_den, seq_den) -> torch.Tensor:
+    """x (B, T) per-token loss, already finite everywhere; m (B, T) bool -> the 0-dim loss."""
     xm = torch.where(m, x, 0)
-    num_seqs = x.shape[0] if seq_denominator is None else seq_denominator
-    if loss_agg == "token-mean":
-        den = m.sum().clamp(min=1) if token_denominator is None else token_denominator
+    num_seqs = x.shape[0] if seq_den is None else seq_den
+    if cfg.loss_agg == "token-mean":
+        den = m.sum().clamp(min=1) if token_den is None else token_den
         return xm.sum() / den
-    if loss_agg == "seq-mean-token-mean":
+    if cfg.loss_agg == "seq-mean-token-mean":
         per_seq = xm.sum(-1) / m.sum(-1).clamp(min=1)  # (B,) a sequence's mean needs only its row
         return per_seq.sum() / num_seqs
-    return xm.sum() / (num_seqs * norm_len)  # seq-mean-token-sum-norm
+    return xm.sum() / (num_seqs * cfg.norm_len)  # seq-mean-token-sum-norm
+
+
+def _exp_log_ratio(diff: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """exp of a masked, clamped log-ratio (B, T): 1 on padding, at most e^20 anywhere."""
+    return torch.exp(torch.where(m, diff, 0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def _policy_term(lp, old, base, adv, m, cfg: LossConfig, metrics: dict) -> torch.Tensor:
+    """The per-token clipped, dual-clipped, importance-weighted policy term pg (B, T)."""
+    ratio = _exp_log_ratio(lp - base, m)  # (B, T) exactly 1 on padding
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
+    pg = torch.maximum(pg1, pg2)  # -min(rA, clip(r)A); ties split the (equal) gradient
+    pg3 = -adv * cfg.clip_ratio_c  # (B, 1) c |A| where A < 0
+    dual = (adv < 0) & (pg > pg3)  # (B, T) the dual clip bites
+    pg = torch.where(dual, pg3, pg)
+    w = _exp_log_ratio(base - old, m)  # (B, T) pi_prox / pi_behaviour, no grad; 1 when base is old
+    if cfg.tis_cap is not None:
+        w = w.clamp(max=cfg.tis_cap)
+    metrics.update(ratio=ratio, clip=pg2 > pg1, dual=dual, w=w)
+    return pg * w
+
+
+def _kl_term(lp, ref, m, cfg: LossConfig) -> torch.Tensor:
+    d = torch.where(m, ref - lp, 0).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
+    if cfg.kl_estimator == "k1":
+        return -d
+    if cfg.kl_estimator == "k2":
+        return 0.5 * d * d
+    return torch.exp(d) - d - 1
+
+
+def _check_shapes(logprobs, advantages, **others):
+    for name, t in others.items():
+        if t is not None and t.shape != logprobs.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logprobs.shape)}")
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({logprobs.shape[0]},)")
 
 
 def grpo_loss(
     logprobs: torch.Tensor,  # (B, T) learner log-probs, requires grad
-    old_logprobs: torch.Tensor,  # (B, T) behaviour (sampler) log-probs
+    old_logprobs: torch.Tensor,  # (B, T) behaviour log-probs (the sampler's, or the learner's pi_old)
     advantages: torch.Tensor,  # (B,)
     mask: torch.Tensor,  # (B, T) 1 on completion tokens that count, 0 on padding
+    cfg: LossConfig = LossConfig(),
     *,
     ref_logprobs: torch.Tensor | None = None,  # (B, T) reference policy, for the KL penalty
     prox_logprobs: torch.Tensor | None = None,  # (B, T) pre-step learner log-probs -> decoupled mode
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    loss_agg: str = "token-mean",
-    tis_cap: float | None = None,
     entropy: torch.Tensor | None = None,  # (B, T) policy entropy, may require grad
-    entropy_coef: float = 0.0,
-    norm_len: int | None = None,
     token_denominator=None,
     seq_denominator=None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO loss (0-dim) and a dict of detached 0-dim float32 metrics (see module docstring).
 
     Decoupled mode (prox_logprobs given): the ratio is taken against prox and each token's policy
-    term is weighted by min(exp(prox - old), tis_cap); tis_cap=None means no truncation; without
-    prox_logprobs tis_cap is ignored, so a config can set it once.
-    Micro-batching: pass the *whole batch's* mask sum as token_denominator (token-mean) and its
+    term is weighted by min(exp(prox - old), cfg.tis_cap); a row whose prox equals its old is an
+    ordinary row (weight exactly 1), so one call can mix fresh and stale rows.
+    Micro-batching: pass the *whole step's* mask sum as token_denominator (token-mean) and its
     number of sequences as seq_denominator (seq-mean-*); the micro-batch losses then sum to the
-    full-batch loss. Metrics are always local to this call (token means over this call's mask).
+    full-batch loss. Metrics are local to this call; `reduce_loss_metrics` combines micro-batches.
     """
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg={loss_agg!r} is not one of {LOSS_AGGS}")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator={kl_estimator!r} is not one of {KL_ESTIMATORS}")
-    if kl_coef > 0 and ref_logprobs is None:
-        raise ValueError(f"kl_coef={kl_coef} > 0 needs ref_logprobs (the reference policy's log-probs)")
-    if entropy_coef != 0 and entropy is None:
-        raise ValueError(f"entropy_coef={entropy_coef} != 0 needs the per-token entropy tensor")
-    if loss_agg == "seq-mean-token-sum-norm" and not norm_len:
-        raise ValueError("loss_agg='seq-mean-token-sum-norm' needs norm_len (e.g. max_new_tokens)")
-    B = logprobs.shape[0]
-    for name, t in (("old_logprobs", old_logprobs), ("mask", mask), ("ref_logprobs", ref_logprobs),
-                    ("prox_logprobs", prox_logprobs), ("entropy", entropy)):
-        if t is not None and t.shape != logprobs.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logprobs.shape)}")
-    if advantages.shape != (B,):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected ({B},)")
-
+    if cfg.kl_coef > 0 and ref_logprobs is None:
+        raise ValueError(f"--kl-coef {cfg.kl_coef} > 0 needs ref_logprobs (the reference policy's log-probs)")
+    if cfg.entropy_coef != 0 and entropy is None:
+        raise ValueError(f"--entropy-coef {cfg.entropy_coef} != 0 needs the per-token entropy tensor")
+    _check_shapes(logprobs, advantages, old_logprobs=old_logprobs, mask=mask, ref_logprobs=ref_logprobs,
+                  prox_logprobs=prox_logprobs, entropy=entropy)
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
-    m = mask.bool()  # (B, T)
-    lp = logprobs.to(dtype)
+    m, lp = mask.bool(), logprobs.to(dtype)  # (B, T)
     old = old_logprobs.detach().to(dtype)
     base = old if prox_logprobs is None else prox_logprobs.detach().to(dtype)
-    ratio = torch.exp(torch.where(m, lp - base, 0))  # (B, T) exactly 1 on padding
     adv = advantages.detach().to(dtype)[:, None]  # (B, 1)
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    pg = torch.maximum(pg1, pg2)  # -min(rA, clip(r)A); ties split the (equal) gradient
-    metrics = {}
-    if prox_logprobs is not None:
-        w = torch.exp(torch.where(m, base - old, 0))  # (B, T) pi_prox / pi_behaviour, no grad
-        if tis_cap is not None:
-            w = w.clamp(max=tis_cap)
-        pg = pg * w
-        metrics["tis_weight_mean"] = _masked_mean(w, m)
-
-    per_token = pg
-    kl = None
+    parts = {}
+    pg = _policy_term(lp, old, base, adv, m, cfg, parts)
+    per_token, kl = pg, None
     if ref_logprobs is not None:
-        d = torch.where(m, ref_logprobs.detach().to(dtype) - lp, 0)  # (B, T)
-        if kl_estimator == "k1":
-            kl = -d
-        elif kl_estimator == "k2":
-            kl = 0.5 * d * d
-        else:
-            kl = torch.exp(d) - d - 1
-        if kl_coef > 0:
-            per_token = per_token + kl_coef * kl
-    if entropy is not None:
-        ent = torch.where(m, entropy.to(dtype), 0)
-        if entropy_coef != 0:
-            per_token = per_token - entropy_coef * ent
-
-    agg = (loss_agg, norm_len, token_denominator, seq_denominator)
-    loss = _aggregate(per_token, m, *agg)
+        kl = _kl_term(lp, ref_logprobs.detach().to(dtype), m, cfg)
+        if cfg.kl_coef > 0:
+            per_token = per_token + cfg.kl_coef * kl
+    ent = None if entropy is None else torch.where(m, entropy.to(dtype), 0)
+    if ent is not None and cfg.entropy_coef != 0:
+        per_token = per_token - cfg.entropy_coef * ent
+    loss = _aggregate(per_token, m, cfg, token_denominator, seq_denominator)
     with torch.no_grad():
-        metrics["loss"] = loss.detach()
-        metrics["pg_loss"] = _aggregate(pg, m, *agg)
-        metrics["kl"] = _masked_mean(kl, m) if kl is not None else loss.new_zeros(())
-        if entropy is not None:
-            metrics["entropy"] = _masked_mean(ent, m)
-        metrics["clip_frac"] = _masked_mean((pg2 > pg1).to(dtype), m)
-        metrics["ratio_mean"] = _masked_mean(ratio, m)
-        metrics["ratio_max"] = torch.where(m, ratio, -torch.inf).amax()  # -inf if nothing is masked in
-        metrics["ratio_min"] = torch.where(m, ratio, torch.inf).amin()
-        metrics["adv_mean"] = adv.mean()
-        metrics["adv_std"] = adv.std(correction=0)  # population std: defined for a 1-row micro-batch
+        metrics = _loss_metrics(loss, _aggregate(pg, m, cfg, token_denominator, seq_denominator),
+                                kl, ent, adv, m, parts, decoupled=prox_logprobs is not None)
     return loss, {k: v.detach().float() for k, v in metrics.items()}
+
+
+def _loss_metrics(loss, pg_loss, kl, ent, adv, m, parts, decoupled: bool) -> dict:
+    ratio, f = parts["ratio"], parts["ratio"].dtype
+    metrics = {"loss": loss.detach(), "pg_loss": pg_loss,
+               "kl": _masked_mean(kl, m) if kl is not None else loss.new_zeros(()),
+               "clip_frac": _masked_mean(parts["clip"].to(f), m),
+               "dual_clip_frac": _masked_mean(parts["dual"].to(f), m),
+               "ratio_mean": _masked_mean(ratio, m),
+               "ratio_max": torch.where(m, ratio, -torch.inf).amax(),  # -inf if nothing is masked in
+               "ratio_min": torch.where(m, ratio, torch.inf).amin(),
+               "adv_mean": adv.mean(), "adv_std": adv.std(correction=0)}  # population std: 1 row is fine
+    if ent is not None:
+        metrics["entropy"] = _masked_mean(ent, m)
+    if decoupled:
+        metrics["tis_weight_mean"] = _masked_mean(parts["w"], m)
+    return metrics
+
+
+# How each loss metric of a micro-batch combines into the step's: loss and pg_loss are partial sums
+# over the whole step's denominators (so they add up), the extremes are extremes, the rest are means
+# over the call's tokens (so they are weighted by its token count).
+_SUMMED = ("loss", "pg_loss")
+_REDUCERS = {"ratio_max": max, "ratio_min": min}
+
+
+def reduce_loss_metrics(parts: list[tuple[dict, int]]) -> dict[str, float]:
+    """[(grpo_loss metrics of a micro-batch, its number of masked-in tokens)] -> the step's metrics,
+    the same however the step was split. Per-row statistics (adv_mean, adv_std) are left out: the
+    caller has the whole step's advantages."""
+    n = sum(k for _, k in parts)
+    out = {}
+    for key in {k for m, _ in parts for k in m} - {"adv_mean", "adv_std"}:
+        vals = [(float(m[key]), k) for m, k in parts if key in m]
+        if key in _SUMMED:
+            out[key] = sum(v for v, _ in vals)
+        elif key in _REDUCERS:
+            out[key] = _REDUCERS[key](v for v, _ in vals)
+        else:
+            out[key] = sum(v * k for v, k in vals) / max(n, 1)
+    return out

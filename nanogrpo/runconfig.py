@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from nanogrpo.metrics import check_report_to
+
 
 def opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -45,7 +47,26 @@ class RunConfig:
     loss_agg: str = opt("token-mean", "loss aggregation: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm",
                         choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
     scale_std: bool = opt(True, "divide advantages by the group std (off = Dr. GRPO)")
-    drop_zero_var: bool = opt(True, "skip groups whose rewards are all equal (no signal; DAPO dynamic sampling)")
+    clip_ratio_c: float = opt(3.0, "dual clip: a token with a negative advantage loses at most c x |advantage|, "
+                              "however large its ratio (> 1; inf = off; veRL's default 3)")
+    old_logprobs: str = opt("learner", "pi_old of the ratio on fresh episodes: learner = the learner's own pre-update "
+                            "log-probs (ratio exactly 1; costs nothing extra: the update is one optimizer step, so "
+                            "they are the differentiated forward's, detached) | sampler = the sampler's, whose "
+                            "top-p/top-k truncation and numerics then show up as ratios < 1 and clipped tokens. "
+                            "Stale episodes keep the sampler's log-probs for their importance weight either way",
+                            choices=("learner", "sampler"))
+    mask_truncated: bool = opt(False, "completions that hit the length budget (finish_reason 'length') get no "
+                               "policy-gradient loss (DAPO overlong filtering); they still count in the loss "
+                               "denominator and in the KL/entropy terms")
+    overlong_buffer: int = opt(0, "DAPO soft overlong punishment: the last N tokens of the budget cost up to "
+                               "--overlong-penalty of reward, linearly (0 = off)")
+    overlong_penalty: float = opt(1.0, "the reward a completion that uses the whole budget loses when "
+                                  "--overlong-buffer > 0")
+    drop_zero_var: bool = opt(True, "skip the forward/backward of groups that add nothing to the update: every "
+                              "advantage 0 (equal rewards, or all truncated with --mask-truncated) and no KL or "
+                              "entropy term (with --kl-coef or --entropy-coef on they are trained for those). The "
+                              "loss denominator always counts every group of the step, so this switch never "
+                              "changes the update, only its cost")
     entropy_coef: float = opt(0.0, "entropy bonus coefficient (0 = report entropy only)")
     tis_cap: float = opt(2.0, "stale episodes (k >= 1) use decoupled PPO: ratio to the pre-step learner, times the "
                          "sampler importance weight truncated at this cap (0 = plain ratio to the sampler)")
@@ -83,6 +104,9 @@ class RunConfig:
     resume: str | None = opt(None, "continue the run in this run directory from its last checkpoint")
     seed: int = opt(0, "seed for data order, sampling and initialisation")
     quiet: bool = opt(False, "no per-step progress lines")
+    report_to: str = opt("auto", "where per-step metrics go besides metrics.csv, comma-separated: tensorboard, "
+                         "wandb, mlflow, or none (auto = tensorboard when installed, else none). wandb honours "
+                         "WANDB_MODE=offline; mlflow logs to MLFLOW_TRACKING_URI, else to file:RUN_DIR/mlruns")
 
     def validate(self, cluster_gpus: float | None = None):
         def bad(name, msg):
@@ -105,6 +129,14 @@ class RunConfig:
             bad("kl_coef", f"must be >= 0, got {self.kl_coef}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             bad("clip_low", f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if not self.clip_ratio_c > 1:
+            bad("clip_ratio_c", f"must be > 1 (inf = off), got {self.clip_ratio_c}")
+        if self.overlong_buffer < 0 or self.overlong_penalty < 0:
+            bad("overlong_buffer", "--overlong-buffer and --overlong-penalty must be >= 0, got "
+                f"{self.overlong_buffer}, {self.overlong_penalty}")
+        if self.max_new_tokens and self.overlong_buffer > self.max_new_tokens:
+            bad("overlong_buffer", f"{self.overlong_buffer} is longer than --max-new-tokens {self.max_new_tokens}")
+        check_report_to(self.report_to)
         if self.gpus_per_worker < 0:
             bad("gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         if self.sync_timeout <= 0:

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nanogrpo.grpo import KL_ESTIMATORS, LOSS_AGGS, group_advantages, grpo_loss, token_logprobs
+from nanogrpo.grpo import KL_ESTIMATORS, LOSS_AGGS, LossConfig, group_advantages, grpo_loss, token_logprobs
 
 LENGTHS = [7, 3, 5, 1, 6]  # varied completion lengths -> padded (5, 7) batch
 
@@ -25,7 +25,8 @@ def _batch(seed=0, dtype=torch.float64):
     return dict(lp=lp, old=old, prox=prox, ref=ref, ent=ent, adv=adv, mask=mask)
 
 
-def _loop_reference(d, *, agg, kl_est, kl_coef, clip_low, clip_high, decoupled, tis_cap, ent_coef, norm_len):
+def _loop_reference(d, *, agg, kl_est, kl_coef, clip_low, clip_high, decoupled, tis_cap, ent_coef, norm_len,
+                    clip_c=math.inf):
     """Straight transcription of the formulas, one Python float at a time."""
     lp, old, prox, ref, ent = (d[k].tolist() for k in ("lp", "old", "prox", "ref", "ent"))
     adv, mask = d["adv"].tolist(), d["mask"].tolist()
@@ -42,6 +43,8 @@ def _loop_reference(d, *, agg, kl_est, kl_coef, clip_low, clip_high, decoupled, 
             A = adv[b]
             rc = min(max(r, 1 - clip_low), 1 + clip_high)
             pg = -min(r * A, rc * A)
+            if A < 0:
+                pg = min(pg, -clip_c * A)
             if decoupled:
                 w = math.exp(prox[b][t] - old[b][t])
                 w = w if tis_cap is None else min(w, tis_cap)
@@ -82,10 +85,10 @@ def test_loss_matches_loop_reference(agg, kl_est, decoupled, tis_cap):
     d = _batch()
     kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, ent_coef=0.01, norm_len=9)
     want = _loop_reference(d, agg=agg, kl_est=kl_est, decoupled=decoupled, tis_cap=tis_cap, **kw)
-    loss, m = grpo_loss(d["lp"], d["old"], d["adv"], d["mask"], ref_logprobs=d["ref"],
-                        prox_logprobs=d["prox"] if decoupled else None, tis_cap=tis_cap,
-                        clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_estimator=kl_est, loss_agg=agg,
-                        entropy=d["ent"], entropy_coef=0.01, norm_len=9)
+    cfg = LossConfig(tis_cap=tis_cap, clip_low=0.2, clip_high=0.28, clip_ratio_c=math.inf, kl_coef=0.1,
+                     kl_estimator=kl_est, loss_agg=agg, entropy_coef=0.01, norm_len=9)
+    loss, m = grpo_loss(d["lp"], d["old"], d["adv"], d["mask"], cfg, ref_logprobs=d["ref"],
+                        prox_logprobs=d["prox"] if decoupled else None, entropy=d["ent"])
     torch.testing.assert_close(loss.item(), want["loss"], rtol=1e-12, atol=1e-12)
     assert 0 < want["clip_frac"] < 1, "test data must exercise both branches"
     for k, v in want.items():
@@ -100,7 +103,7 @@ def test_kl_off_by_default_and_metric_zero_without_ref():
     """Guards a KL term leaking into the loss when kl_coef=0, and a missing `kl` metric without ref."""
     d = _batch()
     base, m0 = grpo_loss(d["lp"], d["old"], d["adv"], d["mask"])
-    with_ref, m1 = grpo_loss(d["lp"], d["old"], d["adv"], d["mask"], ref_logprobs=d["ref"])
+    with_ref, m1 = grpo_loss(d["lp"], d["old"], d["adv"], d["mask"], ref_logprobs=d["ref"])  # kl_coef 0
     torch.testing.assert_close(base, with_ref)
     assert m0["kl"].item() == 0.0 and m1["kl"].item() > 0.0
     assert "tis_weight_mean" not in m0 and "entropy" not in m0
@@ -113,14 +116,13 @@ def test_microbatch_sum_equals_full_batch(agg):
     d = _batch(seed=1)
     lp = d["lp"].clone().requires_grad_()
     ent = d["ent"].clone().requires_grad_()
-    kw = dict(ref_logprobs=d["ref"], kl_coef=0.05, entropy_coef=0.02, loss_agg=agg, norm_len=8, clip_high=0.3)
-    full, _ = grpo_loss(lp, d["old"], d["adv"], d["mask"], entropy=ent, **kw)
+    cfg = LossConfig(kl_coef=0.05, entropy_coef=0.02, loss_agg=agg, norm_len=8, clip_high=0.3)
+    full, _ = grpo_loss(lp, d["old"], d["adv"], d["mask"], cfg, entropy=ent, ref_logprobs=d["ref"])
     g_full = torch.autograd.grad(full, (lp, ent))
     total, tok_den, seq_den = 0.0, d["mask"].sum(), len(LENGTHS)
     for sl in (slice(0, 2), slice(2, 3), slice(3, 5)):
-        part, _ = grpo_loss(lp[sl], d["old"][sl], d["adv"][sl], d["mask"][sl], entropy=ent[sl],
-                            ref_logprobs=d["ref"][sl], kl_coef=0.05, entropy_coef=0.02, loss_agg=agg,
-                            norm_len=8, clip_high=0.3, token_denominator=tok_den, seq_denominator=seq_den)
+        part, _ = grpo_loss(lp[sl], d["old"][sl], d["adv"][sl], d["mask"][sl], cfg, entropy=ent[sl],
+                            ref_logprobs=d["ref"][sl], token_denominator=tok_den, seq_denominator=seq_den)
         total = total + part
     g_micro = torch.autograd.grad(total, (lp, ent))
     torch.testing.assert_close(total, full)
@@ -135,9 +137,10 @@ def test_grpo_loss_gradcheck(agg):
     ent = d["ent"].clone().requires_grad_()
 
     def f(lp, ent):
-        return grpo_loss(lp, d["old"], d["adv"], d["mask"], ref_logprobs=d["ref"], prox_logprobs=d["prox"],
-                         tis_cap=2.0, kl_coef=0.1, entropy=ent, entropy_coef=0.03, loss_agg=agg, norm_len=7,
-                         clip_high=0.28)[0]
+        cfg = LossConfig(tis_cap=2.0, kl_coef=0.1, entropy_coef=0.03, loss_agg=agg, norm_len=7, clip_high=0.28,
+                         clip_ratio_c=1.5)  # a low c so the dual clip's branch is crossed too
+        return grpo_loss(lp, d["old"], d["adv"], d["mask"], cfg, ref_logprobs=d["ref"], prox_logprobs=d["prox"],
+                         entropy=ent)[0]
 
     assert torch.autograd.gradcheck(f, (lp, ent))
 
@@ -163,7 +166,7 @@ def test_ratio_one_gradient_is_policy_gradient(agg):
     targets = torch.randint(0, V, (B, T), generator=g)
     adv = torch.randn(B, generator=g, dtype=torch.float64)
     lp = token_logprobs(logits, targets, chunk_size=5)
-    loss, m = grpo_loss(lp, lp.detach(), adv, mask, loss_agg=agg, norm_len=10)
+    loss, m = grpo_loss(lp, lp.detach(), adv, mask, LossConfig(loss_agg=agg, norm_len=10))
     (grad,) = torch.autograd.grad(loss, logits)
     assert m["clip_frac"].item() == 0.0 and m["ratio_mean"].item() == 1.0
     ref_lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)  # (B, T)
@@ -219,7 +222,7 @@ def test_padding_garbage_never_nans():
     lp = torch.where(pad, torch.nan, d["lp"]).requires_grad_()
     old = torch.where(pad, -torch.inf, d["old"])
     prox = torch.where(pad, torch.inf, d["prox"])
-    loss, m = grpo_loss(lp, old, d["adv"], d["mask"], ref_logprobs=old, prox_logprobs=prox, kl_coef=0.1)
+    loss, m = grpo_loss(lp, old, d["adv"], d["mask"], LossConfig(kl_coef=0.1), ref_logprobs=old, prox_logprobs=prox)
     (grad,) = torch.autograd.grad(loss, lp)
     assert torch.isfinite(loss) and torch.isfinite(grad).all() and (grad[pad] == 0).all()
     assert all(torch.isfinite(v) for v in m.values())
@@ -254,15 +257,17 @@ def test_bad_options_raise_clear_errors():
     """Guards silently falling back to a default on a typo in the config."""
     d = _batch()
     args = (d["lp"], d["old"], d["adv"], d["mask"])
-    with pytest.raises(ValueError, match="'seq-mean'.*token-mean"):
-        grpo_loss(*args, loss_agg="seq-mean")
-    with pytest.raises(ValueError, match="'k4'.*k1"):
-        grpo_loss(*args, kl_estimator="k4")
+    with pytest.raises(ValueError, match="--loss-agg: 'seq-mean'.*token-mean"):
+        LossConfig(loss_agg="seq-mean")
+    with pytest.raises(ValueError, match="--kl-estimator: 'k4'.*k1"):
+        LossConfig(kl_estimator="k4")
+    with pytest.raises(ValueError, match="--max-new-tokens"):
+        LossConfig(loss_agg="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="--clip-ratio-c must be > 1"):
+        LossConfig(clip_ratio_c=1.0)
     with pytest.raises(ValueError, match="ref_logprobs"):
-        grpo_loss(*args, kl_coef=0.1)
-    with pytest.raises(ValueError, match="norm_len"):
-        grpo_loss(*args, loss_agg="seq-mean-token-sum-norm")
+        grpo_loss(*args, LossConfig(kl_coef=0.1))
     with pytest.raises(ValueError, match="entropy"):
-        grpo_loss(*args, entropy_coef=0.1)
+        grpo_loss(*args, LossConfig(entropy_coef=0.1))
     with pytest.raises(ValueError, match="advantages"):
         grpo_loss(d["lp"], d["old"], d["adv"][:2], d["mask"])

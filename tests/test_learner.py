@@ -15,7 +15,7 @@ import torch
 
 from learner.learner import LearnerCore, micro_batches
 from nanogrpo.episode import group_batch, group_tensors, to_tensors
-from nanogrpo.grpo import group_advantages, grpo_loss, token_logprobs
+from nanogrpo.grpo import LossConfig, group_advantages, grpo_loss, token_logprobs
 from nanogrpo.model import Qwen2
 from nanogrpo.runconfig import RunConfig
 from nanogrpo.tiny import TINY_MODEL_CONFIG, write_tiny_model_dir
@@ -52,12 +52,14 @@ def episodes(model: Qwen2, n_groups: int, seed: int) -> pa.Table:
     return pa.Table.from_batches(batches)
 
 
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
-def test_micro_batched_step_equals_full_batch_reference(model_dir, loss_agg):
+@pytest.mark.parametrize("loss_agg,old_logprobs", [("token-mean", "sampler"), ("seq-mean-token-mean", "sampler"),
+                                                 ("token-mean", "learner")])
+def test_micro_batched_step_equals_full_batch_reference(model_dir, loss_agg, old_logprobs):
     """Guards against micro-batching, the completion-only lm_head window, or per-micro-batch
-    denominators silently changing the GRPO update."""
+    denominators silently changing the GRPO update; with --old-logprobs learner, pi_old is the
+    learner's own pre-update log-probs (a ratio of exactly 1)."""
     cfg = RunConfig(lr=1e-3, group_size=G, micro_batch_tokens=64, loss_agg=loss_agg, max_grad_norm=1.0,
-                    clip_low=0.2, clip_high=0.28, max_new_tokens=16)
+                    clip_low=0.2, clip_high=0.28, max_new_tokens=16, old_logprobs=old_logprobs)
     core = LearnerCore(vars(cfg), str(model_dir), threads=1)
     ref = Qwen2.from_pretrained(model_dir)
     table = episodes(ref, 6, seed=1)
@@ -76,8 +78,8 @@ def test_micro_batched_step_equals_full_batch_reference(model_dir, loss_agg):
     assert not zero_var.any()
     logp = token_logprobs(ref(b["input_ids"])[:, :-1], b["input_ids"][:, 1:])
     mask = b["loss_mask"].float()
-    loss, _ = grpo_loss(logp, b["old_logprobs"], adv, mask, clip_low=0.2, clip_high=0.28, loss_agg=loss_agg,
-                        norm_len=16)
+    old = b["old_logprobs"] if old_logprobs == "sampler" else logp.detach()
+    loss, _ = grpo_loss(logp, old, adv, mask, LossConfig(clip_low=0.2, clip_high=0.28, loss_agg=loss_agg, norm_len=16))
     loss.backward()
     for name, q in ref.named_parameters():
         torch.testing.assert_close(grads[name], q.grad, rtol=1e-4, atol=1e-7, msg=name)
@@ -137,3 +139,144 @@ def test_group_tensors_share_one_prompt_per_group(model_dir):
     rows[1]["prompt_ids"] = rows[1]["prompt_ids"] + [5]
     with pytest.raises(ValueError, match="group 0: rows carry different prompts"):
         group_tensors(pa.Table.from_pylist(rows, schema=table.schema))
+
+
+def _budgets_for_splits(table, counts=(1, 2, 3)) -> dict[int, int]:
+    """--micro-batch-tokens values that split this table's groups into exactly 1, 2 and 3 micro-batches."""
+    b = group_tensors(table.sort_by("group_id"))
+    p = b["prompt_lens"].tolist()
+    c = b["completion_lens"].view(-1, G).max(-1).values.tolist()
+    found = {}
+    for budget in range(1, 4000):
+        found.setdefault(len(micro_batches(p, c, G, budget)), budget)
+    return {n: found[n] for n in counts}
+
+
+def test_logged_metrics_do_not_depend_on_the_micro_batch_split(model_dir):
+    """Guards the metrics bug: micro-batch loss/pg_loss (partial sums over the step's denominators)
+    were averaged token-weighted, logging 1.97x the true loss with 2 micro-batches and 0.45x with 3,
+    and ratio_max/ratio_min were averaged. The same step split into 1, 2 and 3 micro-batches must log
+    the same values, and they must be the full-batch loss's."""
+    ref = Qwen2.from_pretrained(model_dir)
+    table = episodes(ref, 6, seed=4)
+    rows = {}
+    for n, budget in _budgets_for_splits(table).items():
+        cfg = RunConfig(lr=1e-3, group_size=G, micro_batch_tokens=budget, max_new_tokens=16, old_logprobs="sampler",
+                        kl_coef=0.05, entropy_coef=0.01)
+        rows[n], _ = LearnerCore(vars(cfg), str(model_dir), threads=1).train_step(table)
+    b = to_tensors(table.sort_by("group_id"))
+    adv, _ = group_advantages(b["rewards"], G)
+    with torch.no_grad():
+        logp, ent = token_logprobs(ref(b["input_ids"])[:, :-1], b["input_ids"][:, 1:], with_entropy=True)
+        _, want = grpo_loss(logp, b["old_logprobs"], adv, b["loss_mask"], LossConfig(clip_high=0.28, kl_coef=0.05,
+                            entropy_coef=0.01), ref_logprobs=logp, entropy=ent)
+    assert 0 < want["clip_frac"] < 1 and want["ratio_max"] > 1.28, "the data must exercise the clip"
+    for k in ("loss", "pg_loss", "ratio_max", "ratio_min", "ratio_mean", "clip_frac", "entropy", "kl", "adv_mean",
+              "adv_std"):
+        for n in (1, 2, 3):
+            assert rows[n][k] == pytest.approx(float(want[k]), abs=1e-6), (k, n)
+
+
+def _sampled_table(model: Qwen2, n_groups: int, top_p: float, max_new: int) -> pa.Table:
+    """Groups sampled by the model itself (fresh: policy version 0) with the sampler's log-probs."""
+    from nanogrpo.generate import generate
+    rng = random.Random(7)
+    V = TINY_MODEL_CONFIG["vocab_size"]
+    prompts = [[rng.randrange(3, V) for _ in range(rng.randint(2, 8))] for _ in range(n_groups)]
+    outs = generate(model, prompts, n=G, max_new_tokens=max_new, temperature=1.0, top_p=top_p, stop_token_ids=[2],
+                    seed=3)
+    rows = [{"group_id": c.prompt_index, "step": 0, "example_index": c.prompt_index, "sample_index": c.sample_index,
+             "prompt_ids": prompts[c.prompt_index], "completion_ids": c.token_ids, "logprobs": c.logprobs,
+             "response": "", "reward": float(c.sample_index % 2), "reward_format": 1.0, "reward_answer": 0.0,
+             "finish_reason": c.finish_reason, "policy_version": 0, "worker_id": 0, "gen_seconds": 0.0,
+             "created_at": 0.0} for c in outs]
+    return pa.Table.from_batches([group_batch(rows)])
+
+
+def test_old_logprobs_learner_gives_ratio_exactly_one_under_top_p(model_dir):
+    """Guards the top-p bias: the sampler's log-probs are those of the truncated (renormalised)
+    distribution, so with identical weights the ratio to them is < 1 on fresh tokens and negative
+    advantages get clipped. --old-logprobs learner must give a ratio of exactly 1 there."""
+    model = Qwen2.from_pretrained(model_dir)
+    table = _sampled_table(model, 4, top_p=0.7, max_new=12)
+    got = {}
+    for mode in ("learner", "sampler"):
+        cfg = RunConfig(lr=1e-3, group_size=G, max_new_tokens=12, old_logprobs=mode, micro_batch_tokens=64)
+        got[mode], _ = LearnerCore(vars(cfg), str(model_dir), threads=1).train_step(table)
+    assert got["learner"]["ratio_max"] == 1.0 and got["learner"]["ratio_min"] == 1.0
+    assert got["learner"]["clip_frac"] == 0.0 and got["learner"]["train_tokens"] > 0
+    # The same weights sampled these tokens: the gap to the sampler is the top-p renormalisation.
+    assert got["sampler"]["ratio_mean"] < 0.95 and got["sampler"]["ratio_max"] <= 1.0 + 1e-5
+    assert got["sampler"]["logprob_gap"] == pytest.approx(got["learner"]["logprob_gap"])
+
+
+def test_mask_truncated_zeroes_the_policy_gradient_of_truncated_rows(model_dir, monkeypatch):
+    """Guards --mask-truncated: a completion that hit the length budget must get no policy-gradient
+    loss (its log-probs' gradient exactly 0) while the other rows train, and the step must record
+    how many rows were truncated and masked."""
+    import learner.learner as L
+    table = episodes(Qwen2.from_pretrained(model_dir), 3, seed=5)
+    truncated = [i % 4 == 1 for i in range(table.num_rows)]
+    col = table.schema.get_field_index("finish_reason")
+    table = table.set_column(col, "finish_reason", pa.array(["length" if t else "stop" for t in truncated]))
+    seen = []
+
+    def spy(logprobs, *args, **kw):
+        logprobs.retain_grad()
+        seen.append(logprobs)
+        return grpo_loss(logprobs, *args, **kw)
+    monkeypatch.setattr(L, "grpo_loss", spy)
+    for mask_truncated in (True, False):
+        seen.clear()
+        cfg = RunConfig(lr=1e-3, group_size=G, max_new_tokens=16, mask_truncated=mask_truncated)
+        metrics, _ = LearnerCore(vars(cfg), str(model_dir), threads=1).train_step(table)
+        (logp,) = seen  # one micro-batch: rows in table order (sorted by group)
+        row_grad = logp.grad.abs().sum(-1)  # (N,)
+        t = torch.tensor(truncated)
+        assert (row_grad[~t] > 0).all()
+        assert (row_grad[t] == 0).all() == mask_truncated
+        assert metrics["truncated_frac"] == 0.25 and metrics["pg_masked_frac"] == (0.25 if mask_truncated else 0.0)
+
+
+def test_drop_zero_var_never_changes_the_update(model_dir):
+    """Guards the loss scale moving with --drop-zero-var: the kept groups' tokens used to be the
+    denominator (1.5x in one measured case). Skipping the groups without signal must leave the same
+    weights and the same logged loss as training on them."""
+    table = episodes(Qwen2.from_pretrained(model_dir), 3, seed=6)
+    col = table.schema.get_field_index("reward")
+    rewards = table.column("reward").to_pylist()
+    rewards[:G] = [0.5] * G  # group 0 has no spread
+    table = table.set_column(col, "reward", pa.array(rewards, table.schema.field(col).type))
+    out = {}
+    for drop in (True, False):
+        cfg = RunConfig(lr=1e-3, group_size=G, max_new_tokens=16, drop_zero_var=drop)
+        core = LearnerCore(vars(cfg), str(model_dir), threads=1)
+        grads, apply = {}, core._apply_grads
+
+        def spy(lr, grads=grads, apply=apply):  # the accumulated gradient, before the optimizer step
+            grads.update({n: p.grad.clone() for n, p in core.model.named_parameters()})
+            return apply(lr)
+        core._apply_grads = spy
+        out[drop] = (core.train_step(table)[0], grads)
+    assert out[True][0]["train_tokens"] < out[False][0]["train_tokens"]
+    for k in ("loss", "pg_loss", "grad_norm", "adv_mean", "adv_std", "zero_var_frac"):
+        assert out[True][0][k] == pytest.approx(out[False][0][k], rel=1e-5, abs=1e-7), k
+    for n, g in out[True][1].items():
+        torch.testing.assert_close(g, out[False][1][n], rtol=1e-4, atol=1e-8, msg=n)
+
+
+def test_overlong_penalty_shapes_advantages_and_is_logged(model_dir):
+    """Guards --overlong-buffer/--overlong-penalty: rewards are lowered linearly in the budget's
+    last tokens before the group advantage (a group of equal task rewards but different lengths
+    gains spread), and the step logs the mean penalty."""
+    table = episodes(Qwen2.from_pretrained(model_dir), 3, seed=2)
+    col = table.schema.get_field_index("reward")
+    table = table.set_column(col, "reward", pa.array([0.5] * table.num_rows, table.schema.field(col).type))
+    lens = torch.tensor([len(c) for c in table.sort_by("group_id").column("completion_ids").to_pylist()])
+    cfg = RunConfig(lr=1e-3, group_size=G, max_new_tokens=9, overlong_buffer=4, overlong_penalty=0.5)
+    metrics, _ = LearnerCore(vars(cfg), str(model_dir), threads=1).train_step(table)
+    want = (-0.5 * (lens - 5).clamp(min=0) / 4).float()  # budget 9, free up to 5 tokens
+    assert want.min() < 0, "the data must reach into the buffer"
+    assert metrics["overlong_penalty"] == pytest.approx(float(want.mean()))
+    spread = (want.view(-1, G).amax(-1) > want.view(-1, G).amin(-1)).float().mean()
+    assert metrics["zero_var_frac"] == pytest.approx(1 - float(spread)) and metrics["train_tokens"] > 0
