@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import heapq
+import json
 
 import torch
 import torch.distributed as dist
@@ -45,6 +46,18 @@ class DPGroup:
             self.pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else \
             torch.device("cpu")
+
+        self._round = 0
+
+    def exchange(self, obj) -> list:
+        """Every rank's JSON-able `obj` in rank order, through the store (small things: a step's
+        metrics). A rank deletes its key of two rounds ago: every rank has read it by then, since
+        each one wrote its last-round key only after reading all of that round's before."""
+        self._round += 1
+        self.store.set(f"x{self._round}/{self.rank}", json.dumps(obj))
+        if self._round > 2:
+            self.store.delete_key(f"x{self._round - 2}/{self.rank}")
+        return [json.loads(self.store.get(f"x{self._round}/{r}")) for r in range(self.world_size)]
 
     def all_reduce_async(self, t: torch.Tensor):
         return self.pg.allreduce([t])  # SUM
