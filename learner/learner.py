@@ -22,6 +22,7 @@ import ray
 import torch
 
 from learner.broadcast import free_port
+from nanogrpo.dist import DPGroup, GradReducer, ShardedOffloadAdamW, balance_groups
 from nanogrpo.checkpoint import load_run_state, local_model_dir, save_run_checkpoint
 from nanogrpo.episode import group_tensors
 from nanogrpo.grpo import (LossConfig, group_advantages, grpo_loss, overlong_penalty, reduce_loss_metrics,
@@ -113,6 +114,8 @@ class LearnerCore:
         self.skipped_in_a_row = 0
         self.last_end = None
         self.group: CollectiveGroup | None = None
+        self.dp: DPGroup | None = None  # the data-parallel learner ranks (join_dp), when N > 1
+        self.reducer: GradReducer | None = None
         if resume_from:
             self._load_state(Path(resume_from))
 
@@ -120,7 +123,9 @@ class LearnerCore:
     def publish(self) -> list | None:
         """Pack the current weights once into the object store. -> [ObjectRef] (wrapped in a list
         so Ray hands the reference on instead of resolving it at every call); None outside Ray."""
-        return [ray.put(pack(self.model, self.version, copy=False))] if ray.is_initialized() else None
+        if self.rank != 0 or not ray.is_initialized():  # rank 0 publishes for all ranks
+            return None
+        return [ray.put(pack(self.model, self.version, copy=False))]
 
     def weights_digest(self) -> tuple[int, str]:
         return self.version, digest(self.model)
@@ -144,8 +149,24 @@ class LearnerCore:
             return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
         return self.cfg.lr
 
+    def join_dp(self, addr: str, port: int, rank: int, world_size: int, timeout_s: float):
+        """Become rank `rank` of `world_size` data-parallel learner ranks: gradients are summed across
+        the ranks and the optimizer keeps only this rank's shard (its state, already loaded from a
+        checkpoint or not, is re-sharded from the unsharded form)."""
+        self.dp = DPGroup(addr, port, rank, world_size, timeout_s)
+        state = self.opt.state_dict() if self.opt.state else None
+        self.opt = ShardedOffloadAdamW(self.model, self.dp, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if state is not None:
+            self.opt.load_state_dict(state)
+        self.reducer = GradReducer([p for p in self.model.parameters() if p.requires_grad], self.dp)
+        return rank
+
+    @property
+    def rank(self) -> int:
+        return self.dp.rank if self.dp else 0
+
     def _apply_grads(self, lr: float) -> tuple[float, bool]:
-        params = [p for g in self.opt.param_groups for p in g["params"]]
+        params = [p for p in self.model.parameters() if p.requires_grad]
         norm = clip_grad_norm_(params, self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf"))
         norm = float(norm)
         if not math.isfinite(norm):
@@ -181,11 +202,7 @@ class LearnerCore:
         # --drop-zero-var nor the micro-batch split changes the loss scale.
         dens = (float(b["completion_lens"].sum()), float(len(b["rewards"])))
         self.model.train()
-        parts, counts = [], {}
-        for gi in self._plan(b, groups):
-            m, c = self._micro_batch(b, gi, dens)
-            parts.append((m, c["tokens"]))
-            counts = {k: counts.get(k, 0) + v for k, v in c.items()}
+        parts, counts = self._backward(b, self._share(b, groups), dens)
         lr = self._lr(self.version)
         grad_norm, ok = self._update(lr, groups, all(math.isfinite(m["loss"]) for m, _ in parts))
         self.skipped_in_a_row = 0 if ok else self.skipped_in_a_row + 1
@@ -225,6 +242,34 @@ class LearnerCore:
         if self.cfg.drop_zero_var and self.cfg.kl_coef == 0 and self.cfg.entropy_coef == 0:
             return (~no_signal).nonzero().squeeze(-1).tolist()
         return list(range(len(no_signal)))
+
+    def _share(self, b, groups: list[int]) -> list[int]:
+        """This rank's whole groups of the step's trained ones, balanced across ranks by tokens."""
+        if self.dp is None:
+            return groups
+        tokens = [int(b["prompt_lens"][g]) + int(b["completion_lens"].view(-1, self.cfg.group_size)[g].sum())
+                  for g in groups]
+        return [groups[j] for j in balance_groups(tokens, self.dp.world_size)[self.dp.rank]]
+
+    def _backward(self, b, groups: list[int], dens: tuple[float, float]) -> tuple[list, dict]:
+        """Forward/backward of `groups`' micro-batches; with several ranks the gradients are summed
+        across them as backward goes, and every rank returns every rank's parts and summed counts."""
+        parts, counts = [], {}
+        plan = self._plan(b, groups)
+        for j, gi in enumerate(plan):
+            if self.reducer is not None and j == len(plan) - 1:
+                self.reducer.arm()
+            m, c = self._micro_batch(b, gi, dens)
+            parts.append(({k: float(v) for k, v in m.items()}, c["tokens"]))
+            counts = {k: counts.get(k, 0) + v for k, v in c.items()}
+        if self.dp is None:
+            return parts, counts
+        self.reducer.finish()  # also on a rank with no groups: the collectives must match
+        everyone = self.dp.exchange([parts, counts])
+        counts = {}
+        for _, c in everyone:
+            counts = {k: counts.get(k, 0) + v for k, v in c.items()}
+        return [tuple(p) for ps, _ in everyone for p in ps], counts
 
     def _plan(self, b, groups: list[int]) -> list[torch.Tensor]:
         """The micro-batches: tensors of group indices, packed under --micro-batch-tokens."""
@@ -320,7 +365,10 @@ class LearnerCore:
     def save(self, path: str, run_state: dict) -> str:
         state = {**run_state, "version": self.version, "skipped_in_a_row": self.skipped_in_a_row,
                  "torch_rng": torch.get_rng_state().tolist()}
-        return str(save_run_checkpoint(path, self.model, self.model_dir, self.opt.state_dict(), state))
+        opt_state = self.opt.state_dict()  # with several ranks: a collective, gathered on rank 0
+        if self.rank != 0:
+            return path
+        return str(save_run_checkpoint(path, self.model, self.model_dir, opt_state, state))
 
     def _load_state(self, path: Path):
         state, opt_state = load_run_state(path)
