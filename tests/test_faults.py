@@ -107,7 +107,7 @@ def test_rollout_worker_sigkill_twice(tmp_path):
 
 COMMON = ["--task", "small_task:make", "--steps", "8", "--prompts-per-step", "8", "--group-size", "4",
           "--sft-steps", "10", "--max-staleness", "0", "--save-every", "2", "--keep-last", "10", "--eval-every", "0",
-          "--seed", "3", "--quiet", "true"]
+          "--seed", "3", "--quiet", "true", "--dtype", "fp32"]
 
 
 @pytest.mark.slow
