@@ -239,3 +239,111 @@ def test_ctrl_c_stops_with_a_consistent_checkpoint(tmp_path, sig):
     assert ckpt.name == f"step-{summary['steps']:06d}" and state["step"] == state["version"] == summary["steps"]
     assert [int(r["step"]) for r in step_rows(run_dir)] == list(range(1, summary["steps"] + 1))
     assert summary["produced"] == summary["consumed"] + summary["dropped"] + summary["in_buffer"]
+
+
+def kill_first(sid: int, name: str, timeout: float, poll: float = 0.005) -> int:
+    """SIGKILL the first process of the session whose title starts with `name` (Ray titles a
+    worker busy in a call `ray::Class.method`), as soon as one shows up. -> its pid."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        pids = session_pids(sid, name)
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            return pids[0]
+        time.sleep(poll)
+    raise AssertionError(f"no {name} process within {timeout}s")
+
+
+def finished_run(p, run_dir, steps):
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, (out[-3000:], err[-3000:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps
+    assert [int(r["step"]) for r in step_rows(run_dir)] == list(range(1, steps + 1))  # none missing, none twice
+    assert summary["produced"] == summary["consumed"] + summary["dropped"] + summary["in_buffer"] + summary["lost"]
+    return out, summary
+
+
+# The held-out set is 256 prompts with 16-token answers, so an eval lasts long enough to be hit.
+EVAL_TASK = '''
+from nanogrpo.tasks import Task, load_task
+def make(data=None, seed=0):
+    base = load_task("arithmetic", seed=seed)
+    return Task("evalheavy", base.train[:64], base.test[:256], base.messages, base.score, "", 16)
+'''
+FAULT = ["--prompts-per-step", "4", "--group-size", "4", "--sft-steps", "0", "--seed", "1", "--quiet", "true",
+         "--dtype", "fp32", "--sync-timeout", "30"]
+
+
+@pytest.mark.slow
+def test_worker_sigkilled_during_evaluation(tmp_path):
+    """Guards against the unsupervised evaluation fan-out: a worker killed inside `evaluate` ended
+    the run with ActorUnavailableError. Its eval share must go to a live worker, the death be
+    counted once, and every step still finish."""
+    (tmp_path / "eval_task.py").write_text(EVAL_TASK)
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "eval_task:make", "--steps", "6", "--eval-every", "2",
+               "--save-every", "0", *FAULT], tmp_path)
+    try:
+        kill_first(p.pid, "ray::RolloutWorker.evaluate", 300)
+        out, summary = finished_run(p, run_dir, 6)
+    finally:
+        kill_session(p)
+    assert summary["worker_restarts"] == 1, out[-3000:]
+    assert "died" in out and "in evaluate" in out
+    assert summary["final_eval"] is True and summary["eval_last"] is not None
+
+
+@pytest.mark.slow
+def test_worker_sigkilled_during_start_up(tmp_path):
+    """Guards against the unsupervised start-up wait (`ray.get` over every worker's `ready`): a
+    worker that dies while it loads must be restarted and the run go on. A kill that lands before
+    Ray finished creating the actor is retried by Ray as the same creation (no restart to count),
+    so the count is at most one."""
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "small_task:make", "--steps", "4", "--eval-every", "0",
+               "--save-every", "0", *FAULT], tmp_path)
+    try:
+        kill_first(p.pid, "ray::RolloutWorker", 300, poll=0.001)
+        out, summary = finished_run(p, run_dir, 4)
+    finally:
+        kill_session(p)
+    assert summary["worker_restarts"] <= 1, out[-3000:]
+
+
+@pytest.mark.slow
+def test_learner_sigkilled_after_a_checkpoint_recovers_in_run(tmp_path):
+    """Guards against a learner death ending the run (only a manual --resume continued it): the
+    driver must rebuild the learner from the last complete checkpoint, redo the steps after it
+    (their first rows replaced, not duplicated) and exit 0."""
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "small_task:make", "--steps", "10", "--eval-every", "0",
+               "--save-every", "2", "--keep-last", "10", *FAULT], tmp_path)
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "step-000004" / "MANIFEST.json").exists(), 300, "checkpoint 4")
+        kill_first(p.pid, "ray::LearnerCore", 30)
+        out, summary = finished_run(p, run_dir, 10)
+    finally:
+        kill_session(p)
+    assert summary["learner_restarts"] == 1, out[-3000:]
+    assert "learner recovered" in out
+    gaps = [float(r["logprob_gap"]) for r in step_rows(run_dir) if r["logprob_gap"]]
+    assert max(gaps) < 0.5  # workers run the rebuilt learner's weights (k = 1 leaves a small gap)
+
+
+@pytest.mark.slow
+def test_buffer_actor_killed(tmp_path):
+    """Guards against the episode buffer's death ending the run or unbalancing the accounting: it is
+    re-created under its name, the steps to come regenerate their groups, and what it held is
+    counted as lost."""
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "small_task:make", "--steps", "10", "--eval-every", "0",
+               "--save-every", "0", *FAULT], tmp_path)
+    try:
+        wait_for(lambda: len(step_rows(run_dir)) >= 3, 300, "3 steps")
+        kill_first(p.pid, "ray::EpisodeBuffer", 30)
+        out, summary = finished_run(p, run_dir, 10)
+    finally:
+        kill_session(p)
+    assert summary["buffer_restarts"] == 1, out[-3000:]
+    assert "episode buffer died" in out
