@@ -109,10 +109,10 @@ def cli_names(msg: str) -> str:
     """An error text from the library names Python parameters (`num_test`, `on_bad_row='skip'`):
     say the flags the user types instead."""
     from nanogrpo.runconfig import RunConfig
-    for f in fields(RunConfig):
-        if "_" in f.name:
-            msg = re.sub(rf"\b{f.name}='?([\w.-]+)'?", rf"{flag(f.name)} \1", msg)
-            msg = re.sub(rf"(?<![-\w]){f.name}\b", flag(f.name), msg)
+    for name in [f.name for f in fields(RunConfig) if "_" in f.name] + ["data"]:
+        msg = re.sub(rf"(?<![-\w]){name}='?([\w./-]+)'?", rf"{flag(name)} \1", msg)
+        if "_" in name:  # a bare one-word name ("data") is too often plain English
+            msg = re.sub(rf"(?<![-\w]){name}\b", flag(name), msg)
     return msg
 
 
