@@ -205,7 +205,6 @@ def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from actors.buffer import EpisodeBuffer
     from actors.pool import RolloutPool
     from actors.rollout import RolloutWorker
     from learner.group import LearnerGroup

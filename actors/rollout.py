@@ -11,7 +11,6 @@ import os
 import time
 
 import ray
-import torch
 
 from actors.startup import start_actor
 from nanogrpo.episode import group_batch

@@ -347,3 +347,62 @@ def test_buffer_actor_killed(tmp_path):
         kill_session(p)
     assert summary["buffer_restarts"] == 1, out[-3000:]
     assert "episode buffer died" in out
+
+
+@pytest.mark.slow
+def test_collective_sync_worker_killed_mid_broadcast(tmp_path):
+    """Guards against the collective branch's unsupervised broadcast: a worker killed while it
+    receives must not hang the run; the group is rebuilt (the restarted worker included) and the
+    broadcast repeated within the timeout, and every step finishes."""
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "small_task:make", "--steps", "40", "--eval-every", "0",
+               "--save-every", "0", "--weight-sync", "collective", "--max-staleness", "0",
+               *[a if a != "30" else "20" for a in FAULT]], tmp_path)
+    try:
+        wait_for(lambda: len(step_rows(run_dir)) >= 2, 300, "2 steps")
+        pids = session_pids(p.pid, "ray::RolloutWorker")
+        hit, t0 = None, time.time()
+        while hit is None and time.time() - t0 < 120 and p.poll() is None:
+            for pid in pids:  # poll only the two workers' titles: fast enough to land inside a receive
+                try:
+                    if b".receive" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
+                        hit = pid
+                        break
+                except OSError:
+                    continue
+        assert hit is not None, "never saw a worker inside receive"
+        out, summary = finished_run(p, run_dir, 40)
+    finally:
+        kill_session(p)
+    assert summary["worker_restarts"] == 1, out[-3000:]
+    assert "rebuilding" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sigterm_at_a_random_moment_keeps_every_finished_step(tmp_path, seed):
+    """Guards against the row of the last trained step missing from metrics.csv although its
+    checkpoint was written (a SIGTERM between the learner's result and the row's write). Wherever
+    the signal lands, every step the learner finished (the final checkpoint's step) has its row."""
+    import random
+    delay = random.Random(seed).uniform(2.0, 25.0)
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "small_task:make", "--steps", "400", "--eval-every", "3",
+               "--save-every", "4", *FAULT], tmp_path)
+    try:
+        time.sleep(delay)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=300)
+    finally:
+        kill_session(p)
+    ckpt = latest_run_checkpoint(run_dir)
+    if p.returncode == 130 or ckpt is None:  # it landed before the first step: nothing trained, nothing to keep
+        assert step_rows(run_dir) == [], (delay, err[-2000:])
+        return
+    assert p.returncode == 0, (delay, err[-3000:])
+    done = json.loads((ckpt / "state.json").read_text())["step"]
+    assert [int(r["step"]) for r in step_rows(run_dir)] == list(range(1, done + 1)), delay
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == done and summary["interrupted"] is True
+    assert f"stopped after step {done}" in out
