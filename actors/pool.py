@@ -23,6 +23,9 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 RETRY_DELAY_S = 1.0  # a worker that just failed a call is restarting: do not spin on it
+# A call is a stall after this many timeouts: an eval share is larger than a rollout call, and a
+# collective call has the group's own timeout, which should fire first.
+STALL_AFTER = {"evaluate": 4.0, "receive": 2.0, "join_group": 2.0}
 
 
 @dataclass
@@ -111,7 +114,11 @@ class RolloutPool:
         """Dispatch, then wait for one call to finish: a rollout is handled here; -> the refs among
         `others` (learner calls) that are ready, possibly none."""
         self.dispatch()
-        ready, _ = ray.wait(list(self.calls) + list(others), num_returns=1, timeout=timeout)
+        refs = list(self.calls) + list(others)
+        if not refs:  # nothing in flight (work waits for a restarting worker): do not spin
+            time.sleep(min(timeout, 0.1))
+            return []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         if not ready:
             self.check_stalls()
             return []
@@ -265,7 +272,7 @@ class RolloutPool:
         now = time.perf_counter()
         for ref, (w, job, sent) in list(self.calls.items()):
             slot = self.slots[w]
-            if now - sent <= self.timeout or ref in self.stalled:
+            if now - sent <= self.timeout * STALL_AFTER.get(job.method, 1.0) or ref in self.stalled:
                 continue
             if slot.down_since is not None and now - slot.down_since > self.timeout:
                 self._retire(w, now - slot.down_since)
