@@ -332,8 +332,8 @@ class Driver:
         counters = {**state.get("buffer", {}), "next_ticket": self.step}
         self.actors = start_actors(self.cfg, self.run_dir, model_dir, counters, str(plan.ckpt) if plan.ckpt else None)
         self.pool, self.learner, self.buffer = self.actors.pool, self.actors.learner, self.actors.buffer
-        self.pool.restarts = int(state.get("worker_restarts", 0))
-        self.learner.restarts = int(state.get("learner_restarts", 0))
+        self.pool.restarts += int(state.get("worker_restarts", 0))  # (deaths at start-up are counted already)
+        self.learner.restarts += int(state.get("learner_restarts", 0))
         info = self.actors.info
         log(f"learner on {info[0]['device']} ({info[0]['dtype']}, node {info[0]['node'][:8]}), {len(info) - 1} rollout "
             f"workers on {', '.join(i['device'] + '@' + i['node'][:8] for i in info[1:])}")
