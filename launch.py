@@ -345,7 +345,8 @@ class Driver:
         self.wall0 = float(state.get("wall_time", 0.0))  # seconds spent before a resume
         self.t_run = time.perf_counter() - self.wall0
         self.last_progress = self.last_print = time.perf_counter()
-        self.bstats, self.bstats_step, self.buffer_restarts = dict(counters, in_buffer=0), self.step, 0
+        self.bstats = {"produced": 0, "consumed": 0, "dropped": 0, "lost": 0, **counters, "in_buffer": 0}
+        self.bstats_step, self.buffer_restarts = self.step, 0
         self.version, self.weights = 0, None
 
     # ------------------------------------------------------------------ start

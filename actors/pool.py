@@ -22,6 +22,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+PROGRESS_EVERY_S = 30.0  # a fan-out (an eval of a large model) longer than this says where it is
 RETRY_DELAY_S = 1.0  # a worker that just failed a call is restarting: do not spin on it
 # A call is a stall after this many timeouts: an eval share is larger than a rollout call, and a
 # collective call has the group's own timeout, which should fire first.
@@ -165,9 +166,13 @@ class RolloutPool:
 
     def wait_jobs(self, jobs: list[Job], what: str, raise_errors: bool = True):
         deadline, last = time.perf_counter() + 4 * self.timeout, len([j for j in jobs if j.done])
+        t0 = shown = time.perf_counter()
         while not all(j.done for j in jobs):
             self.wait([], timeout=min(1.0, self.timeout))
             n_done = len([j for j in jobs if j.done])
+            if what and time.perf_counter() - shown > PROGRESS_EVERY_S:  # a long eval is not silent
+                shown = time.perf_counter()
+                self.log(f"... waiting for {what}: {n_done}/{len(jobs)} calls done, {shown - t0:.0f}s")
             if n_done > last:
                 deadline, last = time.perf_counter() + 4 * self.timeout, n_done
             if time.perf_counter() > deadline:
