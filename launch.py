@@ -222,7 +222,7 @@ def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from
     files = read_dir_files(model_dir, 1 << 30) if any(n != driver_node for n in where.values()) else None
     model_files = [ray.put(files) if files is not None else None]
     buffer_name = f"nanogrpo-buffer-{os.getpid()}-{time.time_ns()}"  # workers find it by name (see RolloutWorker)
-    buffer = new_buffer(cfg, run_dir, buffer_name, counters, on(0))
+    buffer = new_buffer(cfg, run_dir, buffer_name, 0, counters, on(0))
     learner = LearnerGroup(cfg, model_dir, on(0), model_files, colocated)
     workers = [RolloutWorker.options(num_cpus=1, num_gpus=cfg.gpus_per_worker, scheduling_strategy=on(i + 1),
                                      max_restarts=-1, max_task_retries=0).remote(
@@ -232,11 +232,14 @@ def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from
     return Actors(pg, buffer, learner, pool, buffer_name, info)
 
 
-def new_buffer(cfg, run_dir: Path, name: str, counters: dict, scheduling):
+def new_buffer(cfg, run_dir: Path, base: str, incarnation: int, counters: dict, scheduling):
     """The episode buffer, in the learner's bundle (num_cpus=0): where the learner is, so losing a
-    rollout node never takes it."""
+    rollout node never takes it. A re-created one gets the next incarnation's name (Ray may still
+    hold the dead one's name), which is how the workers find it."""
     from actors.buffer import EpisodeBuffer
-    return EpisodeBuffer.options(name=name, max_concurrency=1000, scheduling_strategy=scheduling).remote(
+    from actors.rollout import buffer_name
+    return EpisodeBuffer.options(name=buffer_name(base, incarnation), max_concurrency=1000,
+                                 scheduling_strategy=scheduling).remote(
         cfg.buffer_capacity, str(run_dir / "episodes"), counters)
 
 
@@ -612,14 +615,8 @@ class Driver:
         lost = produced - consumed - b["dropped"]
         counters = {"produced": produced, "consumed": consumed, "dropped": b["dropped"], "lost": lost,
                     "log_parts": b.get("log_parts", 0) + 1, "next_ticket": self.step}
-        for attempt in range(20):  # the dead actor's name is freed a moment after its death is noticed
-            try:
-                self.buffer = new_buffer(self.cfg, self.run_dir, self.actors.buffer_name, counters,
-                                         self.learner.scheduling)
-                break
-            except ValueError:
-                time.sleep(0.5)
-        self.actors.buffer = self.buffer
+        self.buffer = self.actors.buffer = new_buffer(self.cfg, self.run_dir, self.actors.buffer_name,
+                                                      self.buffer_restarts, counters, self.learner.scheduling)
         self.bstats, self.bstats_step = dict(counters, in_buffer=0), self.step
         log(f"episode buffer died; re-created it at step {self.step} ({lost} groups lost in all so far), "
             "regenerating the groups of the steps to come")

@@ -38,13 +38,25 @@ def prompt_ids(tok: Tokenizer, task, example: dict) -> list[int]:
     return tok.encode(text + task.response_prefix)
 
 
+def buffer_name(base: str, incarnation: int) -> str:
+    return f"{base}#{incarnation}"
+
+
+def newest_buffer(base: str) -> str:
+    """The name of the buffer's latest incarnation (the driver re-creates a dead buffer as #n+1)."""
+    names = [n for n in ray.util.list_named_actors() if n.startswith(base + "#")]
+    if not names:
+        raise ValueError(f"no episode buffer named {base}#*")
+    return max(names, key=lambda n: int(n.rsplit("#", 1)[1]))
+
+
 @ray.remote
 class RolloutWorker:
     def __init__(self, worker_id: int, cfg: RunConfig, model_dir: str, buffer_name: str,
                  model_files: list | None = None):
-        """cfg: the run's resolved configuration; buffer_name: the EpisodeBuffer's actor name (a handle
-        among a restartable actor's arguments makes Ray log an error at every start, and a buffer that
-        is re-created keeps its name, not its handle)."""
+        """cfg: the run's resolved configuration; buffer_name: the base of the EpisodeBuffer's actor
+        name (a handle among a restartable actor's arguments makes Ray log an error at every start,
+        and a re-created buffer is found by name, see `newest_buffer`)."""
         env = start_actor(cfg.threads_per_worker, model_dir, model_files, cfg.dtype)
         self.worker_id, self.cfg, self.device = worker_id, cfg, env.device
         self.model = Qwen2.from_pretrained(env.model_dir, dtype=env.dtype, device=self.device).eval()
@@ -105,14 +117,14 @@ class RolloutWorker:
 
     def _put(self, batch):
         """One batch of whole groups into the buffer. A buffer that died is re-created by the driver
-        under the same name: look it up again (until the put timeout) instead of failing the call."""
+        under the next incarnation's name: look for it (until the put timeout) instead of failing."""
         deadline = time.monotonic() + self.cfg.sync_timeout
         while True:
             try:
                 if self.buffer is None:
-                    self.buffer = ray.get_actor(self.buffer_name)
+                    self.buffer = ray.get_actor(newest_buffer(self.buffer_name))
                 return ray.get(self.buffer.put.remote([batch], timeout=self.cfg.sync_timeout))
-            except (ray.exceptions.RayActorError, ValueError):  # ValueError: no actor of that name (yet)
+            except (ray.exceptions.RayActorError, ValueError):  # ValueError: no such actor (yet)
                 if time.monotonic() > deadline:
                     raise
                 self.buffer = None

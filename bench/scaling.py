@@ -47,7 +47,7 @@ def rollout_scaling(model_dir: str, rounds: int, window: float) -> dict:
     n_train = len(load_task("arithmetic").train)
     cfg = RunConfig(group_size=8, max_new_tokens=16, threads_per_worker=1, dtype="fp32")
     name = f"bench-buffer-{time.time_ns()}"
-    buf = EpisodeBuffer.options(name=name, max_concurrency=100).remote(10**6)
+    buf = EpisodeBuffer.options(name=f"{name}#0", max_concurrency=100).remote(10**6)  # workers look up name#N
     ws = [RolloutWorker.remote(i, cfg, model_dir, name) for i in range(2)]
     ray.get([w.ready.remote() for w in ws])
     weights = [ray.put(pack(Qwen2.from_pretrained(model_dir), 0))]
