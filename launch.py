@@ -98,7 +98,7 @@ def resume_config(cfg, given: set[str]):
     if bad:
         raise ValueError(f"--resume: flags {[flag(b) for b in bad]} would change the run; "
                          f"only {sorted(flag(o) for o in RESUMABLE_OVERRIDES)} may be given")
-    return saved.with_overrides(**{k: getattr(cfg, k) for k in given}, resume=str(run_dir), out=str(run_dir))
+    return saved.with_overrides(**{**{k: getattr(cfg, k) for k in given}, "resume": str(run_dir), "out": str(run_dir)})
 
 
 def flag(name: str) -> str:
