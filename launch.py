@@ -163,13 +163,15 @@ def check_reachable(address: str, timeout: float = 5.0):
 
 def connect_ray(cfg):
     import ray
+    if ray.is_initialized():  # a caller (a test, a notebook) connected already
+        return
     if cfg.address:
         check_reachable(cfg.address)
         try:
             ray.init(address=cfg.address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"--address: cannot connect to a Ray cluster at {cfg.address!r}: {e}") from None
-    elif not ray.is_initialized():
+    else:
         ray.init(num_cpus=max(os.cpu_count() or 1, 1 + cfg.num_rollout_workers), include_dashboard=False,
                  log_to_driver=False)
 

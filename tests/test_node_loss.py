@@ -39,6 +39,7 @@ def test_node_with_rollout_workers_removed_mid_run(cluster, tmp_path):
     cfg = RunConfig(steps=16, prompts_per_step=4, group_size=4, sft_steps=0, eval_every=4, save_every=0,
                     num_rollout_workers=2, learner_gpus=1, num_test=16, quiet=True, out=str(tmp_path / "run"),
                     sync_timeout=20.0, dtype="fp32", address=cluster.address, max_new_tokens=8)
+    ray.init(address=cluster.address, log_to_driver=False)  # here: ray.init wants the main thread
     result = {}
     t = threading.Thread(target=lambda: result.update(run_dir=launch.run(cfg, {"address"})), daemon=True)
     t.start()
