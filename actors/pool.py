@@ -237,7 +237,9 @@ class RolloutPool:
 
     def _answered(self, w: int, result: dict):
         slot = self.slots[w]
-        pid = result.get("pid") if isinstance(result, dict) else None
+        if not isinstance(result, dict) or "pid" not in result:
+            return  # says nothing about which process answered
+        pid = result["pid"]
         restarted = (slot.pid is not None and pid != slot.pid) or (slot.pid is None and result.get("restarted"))
         if restarted and slot.down_since is None:  # it died between calls: no failed call told us
             self._count(w, "was restarted")

@@ -130,11 +130,11 @@ class RolloutWorker:
                 self.buffer = None
                 time.sleep(0.5)
 
-    def forget_weights(self) -> int:
+    def forget_weights(self) -> dict:
         """After the learner was rebuilt from a checkpoint its version numbers repeat with other
         weights: load the next version offered whatever its number."""
         self.version = -1
-        return os.getpid()
+        return {"pid": os.getpid()}
 
     def evaluate(self, indices: list[int], weights: list, version: int, split: str = "test") -> dict:
         """Greedy pass@1 on the task's held-out examples. -> {"pid", "scores": 1.0 per solved example}."""
@@ -151,12 +151,12 @@ class RolloutWorker:
         return self.version, digest(self.model)
 
     # --- torch.distributed transport (see nanogrpo/weights.py)
-    def join_group(self, addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> int:
+    def join_group(self, addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> dict:
         if self.group is not None:  # a rebuilt group (a peer died): leave the broken one first
             self.group.close()
         flatten_parameters(self.model)  # receive each broadcast straight into the parameters' buffers
         self.group = CollectiveGroup(addr, port, rank, world_size, timeout_s)
-        return os.getpid()
+        return {"pid": os.getpid()}
 
     def receive(self) -> dict:
         self.version = self.group.broadcast(self.model, -1)
