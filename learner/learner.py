@@ -67,7 +67,7 @@ class LearnerCore:
         self.cfg = cfg if isinstance(cfg, RunConfig) else RunConfig(**cfg)
         # Threads: as asked, else the cores of *this* node that co-located rollout workers leave free.
         env = start_actor(threads if threads > 0 else auto_threads(os.cpu_count() or 1, colocated_threads),
-                          model_dir, model_files, self.cfg.dtype)
+                          model_dir, model_files, self.cfg.dtype, trains=True)
         self.device, self.model_dir = env.device, env.model_dir
         torch.manual_seed(self.cfg.seed)
         # Working weights in the run's dtype (bf16 on a GPU by default); the fp32 masters live in the
