@@ -63,7 +63,8 @@ class RunConfig:
     gpus_per_worker: float = opt(0.0, "GPUs per rollout worker (fractions allowed; 0 on a CPU-only cluster)")
     learner_gpus: float = opt(-1, "GPUs for the learner (-1 = 1 when the cluster has a GPU, else 0)")
     dtype: str = opt("auto", "compute dtype of rollout workers and learner: auto (bf16 on a GPU or a CPU with native "
-                     "bf16 such as AMX, else fp32; a CPU learner stays fp32) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
+                     "bf16 such as AMX, else fp32; a CPU learner stays fp32) | fp32 | bf16",
+                     choices=("auto", "fp32", "bf16"))
     threads_per_worker: int = opt(1, "torch CPU threads per rollout worker (keeps workers from oversubscribing cores)")
     learner_threads: int = opt(0, "torch CPU threads for the learner (0 = the cores its node's rollout workers "
                                "leave free, or all of them when that is fewer than 2)")

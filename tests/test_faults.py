@@ -191,7 +191,8 @@ def test_non_finite_gradient_skips_step_and_leaves_weights(tmp_path):
 
     model_dir = write_tiny_model_dir(tmp_path / "m")
     tiny_model().save_pretrained(model_dir)
-    cfg = RunConfig(group_size=2, prompts_per_step=1, max_new_tokens=4, dtype="fp32")  # a bf16 step can round to no change
+    # fp32: a bf16 step can round to no change in the working weights
+    cfg = RunConfig(group_size=2, prompts_per_step=1, max_new_tokens=4, dtype="fp32")
     core = LearnerCore(vars(cfg), str(model_dir), threads=1)
 
     def table(logp):
