@@ -1,27 +1,36 @@
 """nanogrpo driver: GRPO on a Ray cluster, from a 2-core laptop to `ray up cluster.yaml`.
 
-Reads top to bottom: config -> task, model, tokenizer checked before anything starts -> Ray and
-actor placement -> the loop (dispatch rollouts, train, sync weights, log, eval, checkpoint) ->
-summary. `python launch.py plot RUN_DIR` redraws a run's plots.
+`run()` reads top to bottom: the plan (config, task, model, tokenizer checked before anything
+starts or any file is written) -> Ray, the run directory and the actors (rollout pool, learner
+group, episode buffer) -> warm start and the step-0 eval -> the loop (dispatch rollouts, wait, on a
+finished learner step: row, eval, checkpoint) -> the final checkpoint and the summary. Every worker
+call goes through the pool (actors/pool.py), every learner call through the learner group
+(learner/group.py), and weights reach the workers through one sync interface (learner/sync.py).
+`python launch.py plot RUN_DIR` redraws a run's plots.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
-import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 RESUMABLE_OVERRIDES = {"steps", "eval_every", "save_every", "keep_last", "quiet", "address", "sync_timeout",
-                       "num_rollout_workers", "threads_per_worker", "learner_threads", "resume"}
+                       "num_rollout_workers", "threads_per_worker", "learner_threads", "resume",
+                       "max_learner_restarts"}
 REISSUE_OFFSET = 10**12  # added to a group id that is generated again, so ids stay unique
+PROGRESS_EVERY_S = 30.0  # a step (or an eval) longer than this prints where it is
+TINY_BUDGET = 64  # completion tokens that fit the built-in tiny model's tasks
 
 
 def log(msg: str):
@@ -32,58 +41,97 @@ class TrainingAborted(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite gradients); checkpoints already written stay."""
 
 
-def get(refs, timeout: float, what: str):
-    """ray.get with a deadline whose error names what was being waited for."""
-    import ray
-    from ray.exceptions import GetTimeoutError
-    try:
-        return ray.get(refs, timeout=timeout)
-    except GetTimeoutError:
-        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (raise --sync-timeout if the "
-                           "work is legitimately slow)") from None
+# ----------------------------------------------------------------------------- the plan (no side effects)
+@dataclass(frozen=True)
+class Plan:
+    cfg: object           # RunConfig, not yet resolved against the cluster
+    run_dir: Path
+    task: object
+    model_dir: str | None  # None: the built-in tiny model, written into the run dir once it exists
+    ckpt: Path | None     # resume from this checkpoint
+    state: dict           # its state.json ({} for a fresh run)
 
 
-# ----------------------------------------------------------------------------- run directory
-def prepare_run_dir(cfg, given: set[str]):
-    """Fresh run: create the directory. Resume: reload its config, apply only safe overrides."""
-    from nanogrpo.runconfig import RunConfig
+def make_plan(cfg, given: set[str]) -> Plan:
+    """Everything that can be wrong with the inputs fails here, before Ray starts or a file is written."""
+    from actors.rollout import prompt_ids
+    from nanogrpo.checkpoint import latest_run_checkpoint
+    from nanogrpo.tasks import load_task
+    from nanogrpo.tokenizer import Tokenizer
 
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        if not (run_dir / "config.json").is_file():
-            raise FileNotFoundError(f"--resume: {run_dir}/config.json not found (is it a nanogrpo run directory?)")
-        saved = RunConfig.from_json_file(run_dir / "config.json")
-        bad = sorted(given - RESUMABLE_OVERRIDES)
-        if bad:
-            raise ValueError(f"--resume: flags {['--' + b.replace('_', '-') for b in bad]} would change the run; "
-                             f"only {sorted('--' + o.replace('_', '-') for o in RESUMABLE_OVERRIDES)} may be given")
-        for k in given:
-            setattr(saved, k, getattr(cfg, k))
-        saved.resume, saved.out = str(run_dir), str(run_dir)
-        return run_dir, saved
+    cfg = resume_config(cfg, given) if cfg.resume else cfg
+    cfg.validate()
     run_dir = Path(cfg.out or f"runs/{cfg.task.replace(':', '_')}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    ckpt, state, model_dir = None, {}, (None if cfg.model == "tiny" else cfg.model)
+    if cfg.resume:
+        ckpt = latest_run_checkpoint(run_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
+        state = json.loads((ckpt / "state.json").read_text())
+        if cfg.steps <= int(state["step"]):
+            raise ValueError(f"--steps: {run_dir} has already trained {state['step']} steps; to go on, give "
+                             f"--steps above {state['step']} (got {cfg.steps})")
+        model_dir = json.loads((run_dir / "run.json").read_text())["model_dir"]
+    elif run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"--out: {run_dir} exists and is not empty; use --resume {run_dir} to continue it "
                               "or pick another directory (nothing there is overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.out = str(run_dir)
-    return run_dir, cfg
+    task = load_task(cfg.task, cfg.data, seed=cfg.seed, num_test=cfg.num_test, on_bad_row=cfg.on_bad_row)
+    if model_dir is not None:
+        if not Path(model_dir).is_dir():
+            raise FileNotFoundError(f"--model: checkpoint directory {model_dir} does not exist")
+        prompt_ids(Tokenizer.from_pretrained(model_dir), task, task.train[0])  # raises without a chat template
+    if cfg.model == "tiny" and not cfg.max_new_tokens and task.max_new_tokens > TINY_BUDGET:
+        log(f"warning: --task {cfg.task} asks for {task.max_new_tokens} completion tokens, far more than the built-in "
+            f"tiny model's answers need (minutes per step); using --max-new-tokens {TINY_BUDGET}")
+        cfg = cfg.with_overrides(max_new_tokens=TINY_BUDGET)
+    return Plan(cfg.with_overrides(out=str(run_dir)), run_dir, task, model_dir, ckpt, state)
 
 
-def prepare_model(cfg, run_dir: Path) -> str:
-    """The initial policy directory: the user's HF checkpoint, or the built-in tiny model."""
+def resume_config(cfg, given: set[str]):
+    """--resume: the run's saved config with only the flags that do not change the run applied."""
+    from nanogrpo.runconfig import RunConfig
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--resume: {run_dir}/config.json not found (is it a nanogrpo run directory?)")
+    saved = RunConfig.from_json_file(run_dir / "config.json")
+    bad = sorted(given - RESUMABLE_OVERRIDES)
+    if bad:
+        raise ValueError(f"--resume: flags {[flag(b) for b in bad]} would change the run; "
+                         f"only {sorted(flag(o) for o in RESUMABLE_OVERRIDES)} may be given")
+    return saved.with_overrides(**{**{k: getattr(cfg, k) for k in given}, "resume": str(run_dir), "out": str(run_dir)})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def cli_names(msg: str) -> str:
+    """An error text from the library names Python parameters (`num_test`, `on_bad_row='skip'`):
+    say the flags the user types instead."""
+    from nanogrpo.runconfig import RunConfig
+    for name in [f.name for f in fields(RunConfig) if "_" in f.name] + ["data"]:
+        msg = re.sub(rf"(?<![-\w]){name}='?([\w./-]+)'?", rf"{flag(name)} \1", msg)
+        if "_" in name:  # a bare one-word name ("data") is too often plain English
+            msg = re.sub(rf"(?<![-\w]){name}\b", flag(name), msg)
+    return msg
+
+
+def create_run_dir(plan: Plan) -> str:
+    """The run directory and its config, now that the plan is valid. -> the initial model directory."""
     from nanogrpo.model import Qwen2
     from nanogrpo.tiny import TINY_MODEL_CONFIG, write_tiny_model_dir
-
-    if cfg.model != "tiny":
-        if not Path(cfg.model).is_dir():
-            raise FileNotFoundError(f"--model: checkpoint directory {cfg.model} does not exist")
-        return cfg.model
-    d = run_dir / "init_model"
-    if not (d / "model.safetensors").is_file():
-        write_tiny_model_dir(d)
-        Qwen2.from_config(TINY_MODEL_CONFIG, seed=cfg.seed).save_pretrained(d)
-    return str(d)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = plan.model_dir
+    if model_dir is None:
+        d = plan.run_dir / "init_model"
+        if not (d / "model.safetensors").is_file():
+            write_tiny_model_dir(d)
+            Qwen2.from_config(TINY_MODEL_CONFIG, seed=plan.cfg.seed).save_pretrained(d)
+        model_dir = str(d)
+    (plan.run_dir / "config.json").write_text(plan.cfg.to_json())
+    if not plan.ckpt:
+        (plan.run_dir / "run.json").write_text(json.dumps({"model_dir": model_dir, "argv": sys.argv[1:]}))
+    return model_dir
 
 
 @functools.lru_cache(maxsize=2)
@@ -99,6 +147,7 @@ def example_index(pos: int, n: int, seed: int) -> int:
     return _epoch_order(seed, pos // n, n)[pos % n]
 
 
+# ----------------------------------------------------------------------------- Ray and placement
 def check_reachable(address: str, timeout: float = 5.0):
     """Fail fast on a host:port nobody listens on; ray.init would otherwise retry for minutes."""
     import socket
@@ -112,89 +161,10 @@ def check_reachable(address: str, timeout: float = 5.0):
         raise ConnectionError(f"--address: cannot connect to a Ray cluster at {address!r}: {e}") from None
 
 
-# ----------------------------------------------------------------------------- Ray placement
-def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from: str | None):
+def connect_ray(cfg):
     import ray
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from actors.buffer import EpisodeBuffer
-    from actors.rollout import RolloutWorker
-    from learner.learner import Learner
-    from nanogrpo.checkpoint import read_dir_files
-
-    W = cfg.num_rollout_workers
-    n_gpu = ray.cluster_resources().get("GPU", 0)
-    learner_gpus = (1 if n_gpu >= 1 else 0) if cfg.learner_gpus < 0 else cfg.learner_gpus
-    cfg.learner_gpus = learner_gpus
-    cfg.validate(cluster_gpus=n_gpu)
-
-    def bundle(cpus, gpus):
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-
-    bundles = [bundle(1, learner_gpus)] + [bundle(1, cfg.gpus_per_worker) for _ in range(W)]
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    # One node: pack (learner on the first GPU, workers on the rest). Several: spread them out.
-    strategy = "SPREAD" if len(nodes) > 1 else "PACK"
-    pg = placement_group(bundles, strategy=strategy)
-    if not pg.wait(timeout_seconds=cfg.sync_timeout):
-        raise TimeoutError(f"placement group {bundles} ({strategy}) could not be placed within {cfg.sync_timeout:.0f}s; "
-                           f"cluster has {ray.cluster_resources()}")
-
-    def on(i):
-        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-
-    where = ray.util.placement_group_table(pg)["bundles_to_node_id"]
-    colocated = sum(cfg.threads_per_worker for i in range(1, W + 1) if where[i] == where[0])
-    # Small models travel with the actors, so nodes that cannot see the driver's disk still load them. Only
-    # when an actor lands off the driver's node: Ray logs an error for object refs among restartable actors' args.
-    driver_node = ray.get_runtime_context().get_node_id()
-    files = read_dir_files(model_dir, 1 << 30) if any(n != driver_node for n in where.values()) else None
-    model_files = [ray.put(files) if files is not None else None]
-
-    buffer_name = f"nanogrpo-buffer-{os.getpid()}-{time.time_ns()}"  # workers find it by name (see RolloutWorker)
-    buffer = EpisodeBuffer.options(name=buffer_name, max_concurrency=1000).remote(
-        cfg.buffer_capacity or 4 * cfg.prompts_per_step, str(run_dir / "episodes"), counters)
-    learner = Learner.options(num_cpus=1, num_gpus=learner_gpus, scheduling_strategy=on(0)).remote(
-        vars(cfg), model_dir, cfg.learner_threads, resume_from, model_files, colocated)
-    sampling = {"group_size": cfg.group_size, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "top_k": cfg.top_k, "top_p": cfg.top_p}
-    workers = [RolloutWorker.options(num_cpus=1, num_gpus=cfg.gpus_per_worker, scheduling_strategy=on(i + 1),
-                                     max_restarts=-1, max_task_retries=0).remote(
-        i, model_dir, cfg.task, cfg.data, cfg.seed, cfg.threads_per_worker, sampling, buffer_name, cfg.num_test,
-        cfg.sync_timeout, model_files) for i in range(W)]
-    info = ray.get([learner.node_info.remote()] + [w.ready.remote() for w in workers], timeout=cfg.sync_timeout * 2)
-    return pg, buffer, learner, workers, info
-
-
-# ----------------------------------------------------------------------------- the run
-def run(cfg, given: set[str]) -> Path:
-    import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayError
-
-    from actors.rollout import prompt_ids
-    from learner.broadcast import CollectiveSync, ObjectStoreSync
-    from nanogrpo.checkpoint import latest_run_checkpoint
-    from nanogrpo.metrics import MetricsLog
-    from nanogrpo.tasks import load_task
-    from nanogrpo.tokenizer import Tokenizer
-
-    run_dir, cfg = prepare_run_dir(cfg, given)
-    cfg.validate()
-    # Everything that can be wrong with the inputs fails here, before Ray starts or files are written.
-    task = load_task(cfg.task, cfg.data, seed=cfg.seed, num_test=cfg.num_test, on_bad_row=cfg.on_bad_row)
-    cfg.max_new_tokens = cfg.max_new_tokens or task.max_new_tokens
-    ckpt = latest_run_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}/checkpoints")
-    model_dir = prepare_model(cfg, run_dir) if not cfg.resume else json.loads((run_dir / "run.json").read_text())["model_dir"]
-    tok = Tokenizer.from_pretrained(model_dir)
-    prompt_ids(tok, task, task.train[0])  # raises if the tokenizer has no chat template
-    (run_dir / "config.json").write_text(cfg.to_json())
-    (run_dir / "run.json").write_text(json.dumps({"model_dir": model_dir, "argv": sys.argv[1:]}))
-    state = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
-    start_step = int(state.get("step", 0))
-
+    if ray.is_initialized():  # a caller (a test, a notebook) connected already
+        return
     if cfg.address:
         check_reachable(cfg.address)
         try:
@@ -202,290 +172,572 @@ def run(cfg, given: set[str]) -> Path:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"--address: cannot connect to a Ray cluster at {cfg.address!r}: {e}") from None
     else:
-        need = 1 + cfg.num_rollout_workers
-        ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, log_to_driver=False)
-    if threading.current_thread() is threading.main_thread():
-        # ray.init makes SIGTERM exit on the spot. Stop as on Ctrl-C instead (finish, checkpoint, summary):
-        # `kill PID` and `ray job stop` send SIGTERM.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
-    pg, buffer, learner, workers, info = start_actors(cfg, run_dir, model_dir,
-                                                      {**state.get("buffer", {}), "next_ticket": start_step},
-                                                      str(ckpt) if ckpt else None)
-    log(f"learner on {info[0]['device']} (node {info[0]['node'][:8]}), {len(workers)} rollout workers on "
-        f"{', '.join(i['device'] + '@' + i['node'][:8] for i in info[1:])}")
-    metrics_log = MetricsLog(run_dir, start_step if ckpt else None, report_to=cfg.report_to,
-                             run_config=json.loads(cfg.to_json()))
-    W, B, k = len(workers), cfg.prompts_per_step, cfg.max_staleness
-    pids = [i["pid"] for i in info[1:]]  # a changed pid means Ray restarted that worker
-    down = [False] * W  # a call failed and the restarted process has not answered yet
-    retry_at = [0.0] * W  # earliest time to send a worker that just failed another call
-    n_train = len(task.train)
+        ray.init(num_cpus=max(os.cpu_count() or 1, 1 + cfg.num_rollout_workers), include_dashboard=False,
+                 log_to_driver=False)
 
-    # Supervised warm start (fresh runs only), then the first published weights.
-    sft_steps = cfg.sft_steps if cfg.sft_steps >= 0 else (300 if cfg.model == "tiny" else 0)
-    # The text trained on is the example's "warm_start" when the task gives one (the built-in arithmetic task: a
-    # target-blind format example), else its "solution".
-    field = next((f for f in ("warm_start", "solution") if f in task.train[0]), None)
-    if not ckpt and sft_steps > 0 and field:
-        eos = tok.eos_token_id
-        seqs = [(prompt_ids(tok, task, ex), tok.encode(ex[field]) + [eos]) for ex in task.train]
-        t0 = time.perf_counter()
-        sft = get(learner.sft.remote(seqs, sft_steps, 64, cfg.sft_lr, cfg.seed), cfg.sync_timeout + 2.0 * sft_steps,
-                  "the learner's supervised warm start")
-        log(f"supervised warm start: {sft_steps} steps in {time.perf_counter() - t0:.1f}s, "
-            f"loss {sft['sft_loss_first']:.3f} -> {sft['sft_loss_last']:.3f}")
-    weights = get(learner.publish.remote(), cfg.sync_timeout, "the learner to publish its weights")
-    version = get(learner.state.remote(), cfg.sync_timeout, "the learner's state")["version"]
-    sync = CollectiveSync(learner, workers, cfg.sync_timeout) if cfg.weight_sync == "collective" else \
-        ObjectStoreSync(learner, workers)
-    if sync.mode == "collective":
-        sync.after_step(workers, cfg.sync_timeout)
 
-    def evaluate() -> float:
-        idx = list(range(len(task.test)))
-        chunks = [idx[i::W] for i in range(W)]
-        res = get([w.evaluate.remote(c, sync.ref_for(weights), version) for w, c in zip(workers, chunks) if c],
-                  cfg.sync_timeout * 4, "held-out evaluation on the rollout workers")
-        flat = [x for r in res for x in r]
+@dataclass
+class Actors:
+    pg: object
+    buffer: object
+    learner: object       # LearnerGroup
+    pool: object          # RolloutPool
+    buffer_name: str
+    info: list            # learner's node info, then each worker's
+
+
+def place(cfg):
+    """The placement group: the learner's bundle first, then one per rollout worker."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    def bundle(cpus, gpus):
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+    bundles = [bundle(1, cfg.learner_gpus)] + [bundle(1, cfg.gpus_per_worker)] * cfg.num_rollout_workers
+    # One node: pack (learner on the first GPU, workers on the rest). Several: spread them out.
+    strategy = "SPREAD" if len([n for n in ray.nodes() if n["Alive"]]) > 1 else "PACK"
+    pg = placement_group(bundles, strategy=strategy)
+    if not pg.wait(timeout_seconds=cfg.sync_timeout):
+        raise TimeoutError(f"placement group {bundles} ({strategy}) could not be placed within {cfg.sync_timeout:.0f}s; "
+                           f"cluster has {ray.cluster_resources()}")
+    return pg
+
+
+def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from: str | None) -> Actors:
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.pool import RolloutPool
+    from actors.rollout import RolloutWorker
+    from learner.group import LearnerGroup
+    from nanogrpo.checkpoint import read_dir_files
+
+    pg = place(cfg)
+
+    def on(i):
+        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+    where = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+    colocated = sum(cfg.threads_per_worker for i in range(1, cfg.num_rollout_workers + 1) if where[i] == where[0])
+    # Small models travel with the actors, so nodes that cannot see the driver's disk still load them. Only
+    # when an actor lands off the driver's node: Ray logs an error for object refs among restartable actors' args.
+    driver_node = ray.get_runtime_context().get_node_id()
+    files = read_dir_files(model_dir, 1 << 30) if any(n != driver_node for n in where.values()) else None
+    model_files = [ray.put(files) if files is not None else None]
+    buffer_name = f"nanogrpo-buffer-{os.getpid()}-{time.time_ns()}"  # workers find it by name (see RolloutWorker)
+    buffer = new_buffer(cfg, run_dir, buffer_name, 0, counters, on(0))
+    learner = LearnerGroup(cfg, model_dir, on(0), model_files, colocated)
+    workers = [RolloutWorker.options(num_cpus=1, num_gpus=cfg.gpus_per_worker, scheduling_strategy=on(i + 1),
+                                     max_restarts=-1, max_task_retries=0).remote(
+        i, cfg, model_dir, buffer_name, model_files) for i in range(cfg.num_rollout_workers)]
+    pool = RolloutPool(workers, cfg.sync_timeout, log)
+    info = [learner.start(resume_from)] + pool.start()
+    return Actors(pg, buffer, learner, pool, buffer_name, info)
+
+
+def new_buffer(cfg, run_dir: Path, base: str, incarnation: int, counters: dict, scheduling):
+    """The episode buffer, in the learner's bundle (num_cpus=0): where the learner is, so losing a
+    rollout node never takes it. A re-created one gets the next incarnation's name (Ray may still
+    hold the dead one's name), which is how the workers find it."""
+    from actors.buffer import EpisodeBuffer
+    from actors.rollout import buffer_name
+    return EpisodeBuffer.options(name=buffer_name(base, incarnation), max_concurrency=1000,
+                                 scheduling_strategy=scheduling).remote(
+        cfg.buffer_capacity, str(run_dir / "episodes"), counters)
+
+
+# ----------------------------------------------------------------------------- the run
+def run(cfg, given: set[str]) -> Path:
+    import ray
+    plan = make_plan(cfg, given)
+    connect_ray(plan.cfg)
+    with Stopper() as stopper:
+        try:
+            d = Driver(plan, stopper)
+        except BaseException:
+            ray.shutdown()
+            raise
+        try:
+            d.warm_start()
+            d.first_eval()
+            while d.step < d.cfg.steps:
+                with d.recovering():  # a dead learner or buffer is rebuilt and the loop goes on
+                    d.dispatch()
+                    ref = d.wait()
+                    if ref is not None:
+                        d.on_step(ref)
+        except KeyboardInterrupt:
+            d.interrupted = True
+        except Exception as e:
+            d.fail(e)
+            raise
+        d.finish()
+    return d.summary()
+
+
+class Stopper:
+    """Ctrl-C and SIGTERM stop the run as one: during a critical section (a finished step's
+    bookkeeping, a checkpoint) the stop waits until the section ends, so a step the learner
+    finished always gets its metrics row; elsewhere it stops the wait in progress at once."""
+
+    def __init__(self):
+        self.depth, self.pending = 0, False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            # ray.init makes SIGTERM exit on the spot; `kill PID` and `ray job stop` send SIGTERM.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.default_int_handler)
+        return False
+
+    def _on_signal(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def critical(self):
+        stopper = self
+
+        class _Section:
+            def __enter__(self):
+                stopper.depth += 1
+
+            def __exit__(self, *exc):
+                stopper.depth -= 1
+                if not stopper.depth and stopper.pending and exc[0] is None:
+                    stopper.pending = False
+                    raise KeyboardInterrupt
+        return _Section()
+
+
+class Driver:
+    """The loop's state and its named steps; `run()` above is the order they happen in."""
+
+    def __init__(self, plan: Plan, stopper: Stopper):
+        import dataclasses
+
+        import ray
+
+        from learner.sync import CollectiveSync, ObjectStoreSync
+        from nanogrpo.metrics import MetricsLog
+        self.plan, self.task, self.run_dir = plan, plan.task, plan.run_dir
+        self.cfg = plan.cfg.resolved(self.task.max_new_tokens, ray.cluster_resources().get("GPU", 0))
+        model_dir = create_run_dir(dataclasses.replace(plan, cfg=self.cfg))
+        self.model_dir, state = model_dir, plan.state
+        self.step = self.dispatch_step = int(state.get("step", 0))
+        self.stopper, self.interrupted, self.steps_q = stopper, False, collections.deque()
+        self.pending_row: dict | None = None  # a finished step's row while its eval runs
+        self.saved_step = self.step  # the newest checkpoint's step
+        counters = {**state.get("buffer", {}), "next_ticket": self.step}
+        self.actors = start_actors(self.cfg, self.run_dir, model_dir, counters, str(plan.ckpt) if plan.ckpt else None)
+        self.pool, self.learner, self.buffer = self.actors.pool, self.actors.learner, self.actors.buffer
+        self.pool.restarts += int(state.get("worker_restarts", 0))  # (deaths at start-up are counted already)
+        self.learner.restarts += int(state.get("learner_restarts", 0))
+        info = self.actors.info
+        log(f"learner on {info[0]['device']} ({info[0]['dtype']}, node {info[0]['node'][:8]}), {len(info) - 1} rollout "
+            f"workers on {', '.join(i['device'] + '@' + i['node'][:8] for i in info[1:])}")
+        if plan.ckpt:
+            log(f"resuming from step {self.step} ({plan.ckpt}); {self.cfg.steps - self.step} steps to go")
+        self.metrics_log = MetricsLog(self.run_dir, self.step if plan.ckpt else None, report_to=self.cfg.report_to,
+                                      run_config=json.loads(self.cfg.to_json()))
+        self.sync = CollectiveSync(self.cfg.sync_timeout, log) if self.cfg.weight_sync == "collective" \
+            else ObjectStoreSync()
+        self.wall0 = float(state.get("wall_time", 0.0))  # seconds spent before a resume
+        self.t_run = time.perf_counter() - self.wall0
+        self.last_progress = self.last_print = time.perf_counter()
+        self.bstats = {"produced": 0, "consumed": 0, "dropped": 0, "lost": 0, **counters, "in_buffer": 0}
+        self.bstats_step, self.buffer_restarts = self.step, 0
+        self.version, self.weights = 0, None
+
+    # ------------------------------------------------------------------ start
+    def warm_start(self):
+        """Supervised warm start (fresh runs only), then the first published weights."""
+        from actors.rollout import prompt_ids
+        from nanogrpo.tokenizer import Tokenizer
+        cfg, task = self.cfg, self.task
+        sft_steps = cfg.sft_steps if cfg.sft_steps >= 0 else (300 if cfg.model == "tiny" else 0)
+        # The text trained on is the example's "warm_start" when the task gives one (the built-in arithmetic
+        # task: a target-blind format example), else its "solution".
+        field = next((f for f in ("warm_start", "solution") if f in task.train[0]), None)
+        if self.step == 0 and sft_steps > 0 and field:
+            tok = Tokenizer.from_pretrained(self.model_dir)
+            seqs = [(prompt_ids(tok, task, ex), tok.encode(ex[field]) + [tok.eos_token_id]) for ex in task.train]
+            t0 = time.perf_counter()
+            sft = self.learner.call("sft", seqs, sft_steps, 64, cfg.sft_lr, cfg.seed, what="the learner's supervised "
+                                    "warm start", timeout=cfg.sync_timeout + 2.0 * sft_steps)
+            log(f"supervised warm start: {sft_steps} steps in {time.perf_counter() - t0:.1f}s, "
+                f"loss {sft['sft_loss_first']:.3f} -> {sft['sft_loss_last']:.3f}")
+        self.sync.start(self.pool, self.learner.actor)
+        self.weights, self.version = self.learner.publish(), self.learner.state()["version"]
+        self.sync.after_step(self.pool, self.learner.actor, self.weights, self.version)
+
+    def first_eval(self):
+        """The step-0 eval of a fresh run (a resumed run has its row already)."""
+        self.eval_hist = [(int(r["step"]), float(r["eval_success"])) for r in self.metrics_log.rows()
+                          if r.get("eval_success")]
+        if self.plan.ckpt or self.eval_hist:
+            return
+        t0, n = time.perf_counter(), len(self.task.test)
+        log(f"step 0: greedy pass@1 on {n} held-out prompts (up to {self.cfg.max_new_tokens} tokens each) ...")
+        e0 = self.evaluate()
+        with self.stopper.critical():
+            self.eval_hist.append((0, e0))
+            self.metrics_log.write({"step": 0, "eval_success": e0, "wall_time": 0.0})
+        log(f"step 0: held-out greedy success {e0:.3f} ({n} prompts, {time.perf_counter() - t0:.1f}s)")
+
+    def evaluate(self) -> float:
+        flat = self.pool.evaluate(len(self.task.test))
         return sum(flat) / max(len(flat), 1)
 
-    def save(step: int) -> Path:
-        counters = get(buffer.checkpoint_state.remote(), cfg.sync_timeout, "the episode buffer's counters")
-        path = run_dir / "checkpoints" / f"step-{step:06d}"
-        get(learner.save.remote(str(path), {"step": step, "buffer": counters, "worker_restarts": restarts}),
-            cfg.sync_timeout * 4, f"the learner to write checkpoint {path}")
-        done = sorted((run_dir / "checkpoints").glob("step-*"))
-        for old in done[: -cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    # ------------------------------------------------------------------ the loop
+    def dispatch(self):
+        """Queue the prompts of every step whose groups may already be generated (step s's groups must
+        come from version >= s - k), then the learner steps that can wait for their groups."""
+        cfg, B, n = self.cfg, self.cfg.prompts_per_step, len(self.task.train)
+        while self.dispatch_step < cfg.steps and self.dispatch_step <= self.version + cfg.max_staleness:
+            s = self.dispatch_step
+            items = [(s * B + j, s, example_index(s * B + j, n, cfg.seed)) for j in range(B)]
+            for i in range(0, B, cfg.rollout_batch):
+                self.pool.submit(items[i:i + cfg.rollout_batch])
+            self.dispatch_step += 1
+        self.queue_steps()
+
+    def queue_steps(self):
+        """With k >= 1 the next learner step is queued while one trains, so the learner goes straight
+        on when its groups are ready instead of waiting for a round trip through this loop. A step
+        after a checkpoint boundary waits for the checkpoint (it must not include that step)."""
+        cfg = self.cfg
+        depth = 2 if cfg.max_staleness >= 1 and self.sync.queue_ahead else 1
+        while len(self.steps_q) < depth and self.step + len(self.steps_q) < cfg.steps:
+            n = self.step + len(self.steps_q)  # steps done or queued before this one
+            if cfg.save_every and n % cfg.save_every == 0 and self.saved_step < n < cfg.steps:
+                break  # the checkpoint after step n is still to be written (the learner must be free for it)
+            take = self.buffer.take.remote(cfg.prompts_per_step, max(0, n - cfg.max_staleness), cfg.sync_timeout,
+                                           ticket=n)
+            self.steps_q.append((take, self.learner.train_step(take)))
+
+    def wait(self):
+        """One rollout call or learner step finishing. -> the finished learner step's ref, or None."""
+        head = [self.steps_q[0][1]] if self.steps_q else []
+        ready = self.pool.wait(head, timeout=min(5.0, self.cfg.sync_timeout))
+        now = time.perf_counter()
+        if ready:
+            self.last_progress = now
+            return ready[0]
+        if now - self.last_progress > 2 * self.cfg.sync_timeout + 30:
+            raise TimeoutError(f"no progress for {now - self.last_progress:.0f}s: learner step {self.step + 1} waits "
+                               f"for {self.cfg.prompts_per_step} groups and {self.pool.busy()} rollout calls are pending")
+        self.progress(now)
+        return None
+
+    def progress(self, now: float):
+        """A long step says where it is: groups generated, tokens/s, and an ETA from the steps so far."""
+        if self.cfg.quiet or now - self.last_print < PROGRESS_EVERY_S:
+            return
+        self.last_print = now
+        w = self.pool.window
+        done = self.step - int(self.plan.state.get("step", 0))
+        per_step = (now - self.t_run - self.wall0) / done if done else None
+        eta = f", ETA {per_step * (self.cfg.steps - self.step) / 60:.0f} min" if per_step else ""
+        log(f"step {self.step + 1}/{self.cfg.steps}: {w.groups}/{self.cfg.prompts_per_step} groups generated, "
+            f"{self.pool.busy()} rollout calls running, {w.tokens / max(now - w.t0, 1e-9):.0f} tokens/s, "
+            f"learner {'training or waiting for groups' if self.steps_q else 'idle'}, "
+            f"{now - w.t0:.0f}s into the step{eta}")
+
+    def on_step(self, ref):
+        """A learner step finished: its row (kept for any stop from here on), weights out, eval,
+        the row written, checkpoint."""
+        metrics, weights = self.learner_result(ref)
+        with self.stopper.critical():
+            self.steps_q.popleft()
+            self.step += 1
+            self.weights, self.version = weights, metrics["version"]
+            self.pending_row = self.step_row(metrics)
+        self.sync.after_step(self.pool, self.learner.actor, self.weights, self.version)
+        self.queue_steps()  # before the bookkeeping below, so the learner does not wait on it
+        if (self.cfg.eval_every and self.step % self.cfg.eval_every == 0) or self.step == self.cfg.steps:
+            t0 = time.perf_counter()
+            ev = self.evaluate()
+            self.eval_hist.append((self.step, ev))
+            self.pending_row.update(eval_success=ev, time_step=self.pending_row["time_step"] + time.perf_counter() - t0)
+        row = self.write_pending()
+        self.after_row(row, metrics)
+
+    def write_pending(self) -> dict | None:
+        with self.stopper.critical():
+            row, self.pending_row = self.pending_row, None
+            if row is not None:
+                self.metrics_log.write(row)
+        return row
+
+    @contextlib.contextmanager
+    def recovering(self):
+        from ray.exceptions import RayError
+        try:
+            yield
+        except RayError as e:
+            self.write_pending()
+            self.recover(e)
+
+    def learner_result(self, ref):
+        from learner.group import get
+        return get(ref, self.cfg.sync_timeout, f"learner step {self.step + 1}")
+
+    def step_row(self, metrics: dict) -> dict:
+        b = self.buffer_stats()
+        now, w = time.perf_counter(), self.pool.take_window()
+        return {**metrics, "step": self.step, "time_step": now - w.t0, "time_generate": w.gen,
+                "time_train": metrics["train_seconds"], "time_sync": w.sync,
+                "tokens_per_s": w.tokens / max(now - w.t0, 1e-9), "buffer_produced": b["produced"],
+                "buffer_consumed": b["consumed"], "buffer_dropped": b["dropped"], "buffer_in": b["in_buffer"],
+                "buffer_lost": b["lost"], "worker_restarts": self.pool.restarts,
+                "learner_restarts": self.learner.restarts, "wall_time": now - self.t_run}
+
+    def buffer_stats(self) -> dict:
+        """The buffer's counters, and the work of groups it dropped as too stale queued again (their
+        step would come up short). A dead buffer: the last counters seen (it is re-created next)."""
+        import ray
+        from ray.exceptions import RayError
+        try:
+            self.bstats = ray.get(self.buffer.stats.remote(), timeout=self.cfg.sync_timeout)
+            self.bstats_step = self.step
+            for gid, s, i in ray.get(self.buffer.pop_dropped.remote(), timeout=self.cfg.sync_timeout):
+                self.pool.submit([(gid + REISSUE_OFFSET, s, i)], front=True)
+        except RayError:
+            pass  # the next wait finds the buffer dead and re-creates it
+        return self.bstats
+
+    def after_row(self, row: dict, metrics: dict):
+        cfg = self.cfg
+        if metrics.get("skipped_step"):
+            log(f"step {self.step}: non-finite loss or gradient, update skipped ({int(metrics['skipped_step'])})")
+        self.print_row(row)
+        if metrics.get("skipped_in_a_row", 0) >= cfg.max_skipped_steps:
+            raise TrainingAborted(f"{int(metrics['skipped_in_a_row'])} consecutive steps had a non-finite loss or "
+                                  "gradient (weights left untouched); stopping. Lower --lr or check the data; "
+                                  "the last checkpoint is intact")
+        if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            self.save()
+
+    def print_row(self, row: dict):
+        if self.cfg.quiet:
+            return
+        ev = f" | eval {row['eval_success']:.3f}" if "eval_success" in row else ""
+        trained = (f"| kl {row.get('kl', 0):.4f} | ent {row['entropy']:.3f} | len {row['response_len']:.1f} "
+                   f"| stale {row['staleness_mean']:.2f} | gap {row['logprob_gap']:.2e}"
+                   if row["train_tokens"] else
+                   f"| len {row['response_len']:.1f} | nothing trained: every group's rewards were equal")
+        log(f"step {self.step}/{self.cfg.steps} | reward {row['reward_mean']:.3f} | success {row['success_rate']:.3f}{ev} "
+            f"{trained} | {row['time_step']:.2f}s")
+        self.last_print = time.perf_counter()
+
+    def save(self) -> Path:
+        import ray
+        with self.stopper.critical():
+            counters = ray.get(self.buffer.checkpoint_state.remote(), timeout=self.cfg.sync_timeout)
+            path = self.run_dir / "checkpoints" / f"step-{self.step:06d}"
+            self.learner.save(path, {"step": self.step, "buffer": counters, "worker_restarts": self.pool.restarts,
+                                     "learner_restarts": self.learner.restarts,
+                                     "wall_time": time.perf_counter() - self.t_run})
+            self.saved_step = self.step
+            for old in sorted((self.run_dir / "checkpoints").glob("step-*"))[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
         return path
 
-    t_run = time.perf_counter()
-    restarts = int(state.get("worker_restarts", 0))
-    eval_hist = []
-    if not ckpt:
-        t0 = time.perf_counter()
-        if not cfg.quiet:
-            log(f"step 0: greedy pass@1 on {len(task.test)} held-out prompts ...")
-        e0 = evaluate()
-        eval_hist.append((0, e0))
-        metrics_log.write({"step": 0, "eval_success": e0, "wall_time": 0.0})
-        log(f"step 0: held-out greedy success {e0:.3f} ({len(task.test)} prompts, {time.perf_counter() - t0:.1f}s)")
-
-    step, dispatch_step = start_step, start_step
-    # Learner steps queued on the actor, oldest first: (buffer take, train_step). With k >= 1 the next
-    # step is queued while one trains, so the learner goes straight on when its groups are ready
-    # instead of waiting for a round trip through this loop.
-    steps_q: collections.deque = collections.deque()
-    depth = 2 if k >= 1 and sync.mode != "collective" else 1
-
-    def queue_steps(unsaved: int | None = None):
-        while len(steps_q) < depth and step + len(steps_q) < cfg.steps:
-            n = step + len(steps_q)  # steps done or queued before this one
-            if (steps_q or n == unsaved) and cfg.save_every and n % cfg.save_every == 0:
-                break  # the checkpoint after step n is still to be written and must not include this step
-            take = buffer.take.remote(B, max(0, n - k), cfg.sync_timeout, ticket=n)
-            steps_q.append((take, learner.train_step.remote(take)))
-
-    def finish_queued():
-        """Stop: a queued step whose groups are taken finishes and counts; one still waiting is cancelled."""
-        nonlocal step
-        for take, _ in reversed(steps_q):
-            ray.cancel(take)
-        for _, ref in steps_q:
-            try:
-                metrics, _ = ray.get(ref, timeout=cfg.sync_timeout)
-            except (RayError, GetTimeoutError):
-                continue
-            step += 1
-            metrics_log.write({**metrics, "step": step, "wall_time": time.perf_counter() - t_run})
-        steps_q.clear()
-    queue: collections.deque = collections.deque()
-    in_flight: dict = {}
-    started: dict = {}  # rollout ref -> dispatch time, to spot stalled workers
-    stalled: set = set()
-    last_progress = time.perf_counter()
-    idle = list(range(W))
-    window = {"gen": 0.0, "sync": 0.0, "tokens": 0, "t0": time.perf_counter()}
-    chunk = cfg.rollout_batch or math.ceil(B / W)
-    last_metrics = {}
-    interrupted = False
-    try:
-        while step < cfg.steps:
-            # 1. Queue the prompts of every step whose groups may already be generated: step s's groups
-            #    must come from version >= s - k, and the newest version is `version`.
-            while dispatch_step < cfg.steps and dispatch_step <= version + k:
-                items = [(dispatch_step * B + j, dispatch_step, example_index(dispatch_step * B + j, n_train, cfg.seed))
-                         for j in range(B)]
-                queue.extend(items[i:i + chunk] for i in range(0, B, chunk))
-                dispatch_step += 1
-            now = time.perf_counter()
-            while queue and any(retry_at[i] <= now for i in idle):
-                w = next(i for i in idle if retry_at[i] <= now)
-                idle.remove(w)
-                work = queue.popleft()
-                r = workers[w].rollout.remote(work, sync.ref_for(weights), version)
-                in_flight[r], started[r] = (w, work), time.perf_counter()
-            # 2. The learner's next step waits (inside the buffer, not here) for B fresh groups.
-            queue_steps()
-            waiting_retry = bool(queue) and any(retry_at[i] > now for i in idle)
-            ready, _ = ray.wait(list(in_flight) + [steps_q[0][1]], num_returns=1,
-                                timeout=0.25 if waiting_retry else min(5.0, cfg.sync_timeout))
-            if not ready:
-                now = time.perf_counter()
-                for r, (w, work) in in_flight.items():
-                    if now - started[r] > cfg.sync_timeout and w not in stalled:
-                        # A stalled worker is replaced, not waited on: kill it, Ray restarts it, and its call
-                        # fails with RayActorError, which re-issues the prompts below.
-                        log(f"rollout worker {w} stalled for {now - started[r]:.0f}s on {len(work)} prompts; restarting it")
-                        stalled.add(w)
-                        ray.kill(workers[w], no_restart=False)
-                if now - last_progress > cfg.sync_timeout * 2:
-                    raise TimeoutError(f"no progress for {now - last_progress:.0f}s: learner step {step + 1} waits "
-                                       f"for {B} groups and {len(in_flight)} rollout calls are pending")
-                continue
-            last_progress = time.perf_counter()
-            ref = ready[0]
-            if ref in in_flight:
-                w, work = in_flight.pop(ref)
-                started.pop(ref, None)
-                stalled.discard(w)
-                try:
-                    st = ray.get(ref)
-                    window["gen"] += st["gen_seconds"]
-                    window["sync"] += st["sync_seconds"]
-                    window["tokens"] += st["tokens"]
-                    if st["pid"] != pids[w]:  # a new process: Ray restarted this worker
-                        if not down[w]:  # it died while idle, so no call failed to tell us
-                            restarts += 1
-                            log(f"rollout worker {w} was restarted; restarts so far: {restarts}")
-                        pids[w], down[w] = st["pid"], False
-                except RayActorError as e:
-                    # Died mid-call (or is still restarting): Ray restarts the actor (max_restarts=-1);
-                    # the new process starts at version -1, so its next call loads the latest
-                    # published weights before generating. Count each death once.
-                    if not down[w]:
-                        down[w] = True
-                        restarts += 1
-                        log(f"rollout worker {w} died ({type(e).__name__}); restarts so far: {restarts}; "
-                            f"re-issuing its {len(work)} prompts")
-                    queue.appendleft(work)
-                    retry_at[w] = time.perf_counter() + 1.0  # do not spin on an actor that is restarting
-                idle.append(w)
-                continue
-            # The learner finished a step.
-            steps_q.popleft()
-            metrics, weights = get(ref, cfg.sync_timeout, f"learner step {step + 1}")
-            step += 1
-            version = metrics["version"]
-            if sync.mode != "collective":
-                queue_steps(unsaved=step)  # before the bookkeeping below, so the learner does not wait on it
-            else:  # (the broadcast needs the learner free, so the next step is queued after it)
-                # A worker busy generating cannot receive: let in-flight calls finish, then broadcast.
-                for r in list(in_flight):
-                    w, _ = in_flight.pop(r)
-                    st = get(r, cfg.sync_timeout, f"rollout worker {w} to finish before the weight broadcast")
-                    window["gen"] += st["gen_seconds"]
-                    window["tokens"] += st["tokens"]
-                    idle.append(w)
-                window["sync"] += sync.after_step(workers, cfg.sync_timeout)
-            if metrics.get("skipped_step"):
-                log(f"step {step}: non-finite loss or gradient, update skipped ({int(metrics['skipped_step'])})")
-            bstats = get(buffer.stats.remote(), cfg.sync_timeout, "the episode buffer's stats")
-            # Groups dropped as too stale leave their step short: generate them again, fresh.
-            redo = get(buffer.pop_dropped.remote(), cfg.sync_timeout, "the episode buffer's dropped groups")
-            if redo:
-                queue.extendleft([[(gid + REISSUE_OFFSET, s, i)] for gid, s, i in redo])
-            now = time.perf_counter()
-            row = {**metrics, "step": step, "time_step": now - window["t0"], "time_generate": window["gen"],
-                   "time_train": metrics["train_seconds"], "time_sync": window["sync"],
-                   "tokens_per_s": window["tokens"] / max(now - window["t0"], 1e-9),
-                   "buffer_produced": bstats["produced"], "buffer_consumed": bstats["consumed"],
-                   "buffer_dropped": bstats["dropped"], "buffer_in": bstats["in_buffer"],
-                   "worker_restarts": restarts, "wall_time": now - t_run}
-            window = {"gen": 0.0, "sync": 0.0, "tokens": 0, "t0": now}
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                row["eval_success"] = evaluate()
-                eval_hist.append((step, row["eval_success"]))
-            metrics_log.write(row)
-            last_metrics = row
-            if not cfg.quiet:
-                ev = f" | eval {row['eval_success']:.3f}" if "eval_success" in row else ""
-                trained = (f"| kl {row.get('kl', 0):.4f} | ent {row['entropy']:.3f} "
-                           f"| len {row['response_len']:.1f} | stale {row['staleness_mean']:.2f} "
-                           f"| gap {row['logprob_gap']:.2e}"
-                           if row["train_tokens"] else
-                           f"| len {row['response_len']:.1f} | nothing trained: every group's rewards were equal")
-                log(f"step {step}/{cfg.steps} | reward {row['reward_mean']:.3f} | success {row['success_rate']:.3f}{ev} "
-                    f"{trained} | {row['time_step']:.2f}s")
-            if metrics.get("skipped_in_a_row", 0) >= cfg.max_skipped_steps:
-                raise TrainingAborted(f"{int(metrics['skipped_in_a_row'])} consecutive steps had a non-finite loss or "
-                                      "gradient (weights left untouched); stopping. Lower --lr or check the data; "
-                                      "the last checkpoint is intact")
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save(step)
-    except KeyboardInterrupt:
-        interrupted = True
-        log(f"interrupted at step {step}: saving a checkpoint")
-    except Exception as e:
-        # Keep what was learned: checkpoint the learner if it still answers, then re-raise.
-        log(f"run failed at step {step} ({type(e).__name__}); trying to checkpoint before exiting")
+    # ------------------------------------------------------------------ recovery
+    def recover(self, e: BaseException):
+        """A learner call or the pool failed: find who died and bring it back, or re-raise."""
+        import ray
+        from ray.exceptions import RayError
         try:
-            finish_queued()
-            log(f"checkpoint: {save(step)}")
+            ray.get(self.buffer.stats.remote(), timeout=self.cfg.sync_timeout)
+            buffer_ok = True
+        except RayError:
+            buffer_ok = False
+        if not self.learner.alive():
+            self.recover_learner(e)
+        elif not buffer_ok:
+            self.recover_buffer()
+        else:
+            raise e
+
+    def recover_learner(self, e: BaseException):
+        """Rebuild the learner from the last complete checkpoint and redo the steps after it."""
+        from nanogrpo.checkpoint import latest_run_checkpoint
+        ckpt = latest_run_checkpoint(self.run_dir)
+        state = json.loads((ckpt / "state.json").read_text()) if ckpt else {"step": 0}
+        log(f"learner died at step {self.step} ({type(e).__name__}); rebuilding it from "
+            f"{ckpt or 'the initial model'} (learner restart {self.learner.restarts + 1}/{self.cfg.max_learner_restarts})")
+        self.learner.recover(ckpt)
+        self.rewind(int(state["step"]))
+        self.saved_step = self.step
+        self.metrics_log.truncate(self.step)
+        self.eval_hist = [(s, v) for s, v in self.eval_hist if s <= self.step]
+        self.pool.on_every_worker("forget_weights", "the rollout workers to drop the dead learner's weights")
+        if self.step == 0:
+            self.warm_start()
+        else:
+            self.sync.start(self.pool, self.learner.actor)
+            self.weights, self.version = self.learner.publish(), self.learner.state()["version"]
+            self.sync.after_step(self.pool, self.learner.actor, self.weights, self.version)
+        log(f"learner recovered: redoing steps {self.step + 1}.. from the checkpoint")
+
+    def rewind(self, step: int):
+        """Generate from `step` on again: rollouts in flight land, the buffer is emptied (counted as
+        dropped) and serves takes from that step's ticket."""
+        import ray
+        takes = [take for take, _ in self.steps_q]
+        for take in takes:
+            ray.cancel(take)
+        if takes:  # a cancelled take moves the buffer's ticket on as it ends: let it end before the reset
+            ray.wait(takes, num_returns=len(takes), timeout=self.cfg.sync_timeout)
+        self.steps_q.clear()
+        self.pool.clear_rollouts()
+        ray.get(self.buffer.reset.remote(step), timeout=self.cfg.sync_timeout)  # room for puts in flight
+        self.pool.drain()
+        ray.get(self.buffer.reset.remote(step), timeout=self.cfg.sync_timeout)
+        self.pool.take_window()
+        self.step = self.dispatch_step = step
+
+    def recover_buffer(self):
+        """A new buffer under the same name. What the dead one held is lost: the steps trained since the
+        last counters seen consumed their groups, everything else it got is counted as lost."""
+        self.buffer_restarts += 1
+        if self.buffer_restarts > 3:
+            raise TrainingAborted("the episode buffer died 4 times; stopping (the last checkpoint is intact)")
+        self.finish_queued()  # a step whose groups were already taken still finishes
+        b, B = self.bstats, self.cfg.prompts_per_step
+        consumed = b["consumed"] + B * (self.step - self.bstats_step)
+        produced = max(b["produced"], consumed + b["dropped"])
+        lost = produced - consumed - b["dropped"]
+        counters = {"produced": produced, "consumed": consumed, "dropped": b["dropped"], "lost": lost,
+                    "log_parts": b.get("log_parts", 0) + 1, "next_ticket": self.step}
+        self.buffer = self.actors.buffer = new_buffer(self.cfg, self.run_dir, self.actors.buffer_name,
+                                                      self.buffer_restarts, counters, self.learner.scheduling)
+        self.bstats, self.bstats_step = dict(counters, in_buffer=0), self.step
+        log(f"episode buffer died; re-created it at step {self.step} ({lost} groups lost in all so far), "
+            "regenerating the groups of the steps to come")
+        self.rewind(self.step)
+
+    # ------------------------------------------------------------------ the end
+    def finish_queued(self):
+        """A queued step whose groups are taken finishes and counts; one still waiting is cancelled."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayError
+        for take, _ in reversed(self.steps_q):
+            ray.cancel(take)
+        while self.steps_q:
+            try:
+                metrics, weights = ray.get(self.steps_q[0][1], timeout=self.cfg.sync_timeout)
+            except (RayError, GetTimeoutError):
+                break
+            with self.stopper.critical():
+                self.steps_q.popleft()
+                self.step += 1
+                self.weights, self.version = weights, metrics["version"]
+                self.metrics_log.write(self.step_row(metrics))
+        self.steps_q.clear()
+
+    def fail(self, e: BaseException):
+        """Keep what was learned: checkpoint the learner if it still answers, then the error goes on."""
+        log(f"run failed at step {self.step} ({type(e).__name__}); trying to checkpoint before exiting")
+        self.write_pending()
+        try:
+            self.finish_queued()
+            log(f"checkpoint: {self.save()}")
         except Exception as e2:  # noqa: BLE001 - best effort; the original error is what matters
             log(f"could not checkpoint: {type(e2).__name__}: {e2}")
-        raise
-    # Let in-flight rollouts land so the episode accounting is complete, then the final checkpoint.
-    for r in list(in_flight):
-        try:
-            ray.get(r, timeout=cfg.sync_timeout)
-        except (RayActorError, GetTimeoutError):
-            pass
-    finish_queued()
-    ckpt_path = save(step)
-    get(buffer.flush.remote(), cfg.sync_timeout, "the episode buffer to flush its log")
-    bstats = get(buffer.stats.remote(), cfg.sync_timeout, "the episode buffer's stats")
-    wall = time.perf_counter() - t_run
+        import ray
+        ray.shutdown()
 
+    def finish(self):
+        """Queued steps that have their groups finish and count; rollouts land; the final checkpoint."""
+        from ray.exceptions import RayError
+        if self.interrupted:
+            log(f"interrupted during step {self.step + 1}: finishing the steps whose groups were taken")
+        self.write_pending()
+        self.finish_queued()
+        try:
+            self.pool.drain()
+        except (RayError, TimeoutError, RuntimeError) as e:
+            log(f"rollouts still in flight at the end were left ({type(e).__name__})")
+        if self.interrupted:
+            log(f"stopped after step {self.step}: saving a checkpoint (no final eval)")
+        self.ckpt_path = self.save()
+
+    def summary(self) -> Path:
+        import ray
+
+        from nanogrpo.plot import plot_run
+        ray.get(self.buffer.flush.remote(), timeout=self.cfg.sync_timeout)
+        b = ray.get(self.buffer.stats.remote(), timeout=self.cfg.sync_timeout)
+        b.pop("waiting_takes", None)
+        png = plot_run(self.run_dir / "metrics.csv", self.run_dir / "curves.png")
+        self.metrics_log.close(png)  # the --report-to sinks get the curves image, then finish
+        last = next((r for r in reversed(self.metrics_log.rows()) if r.get("reward_mean")), {})
+        evals = self.eval_hist
+        summary = {"steps": self.step, "wall_seconds": round(time.perf_counter() - self.t_run, 1),
+                   "interrupted": self.interrupted, "eval_first": evals[0][1] if evals else None,
+                   "eval_last": evals[-1][1] if evals else None, "eval_last_step": evals[-1][0] if evals else None,
+                   "eval_best": max(e for _, e in evals) if evals else None,
+                   "final_eval": bool(evals) and evals[-1][0] == self.step,
+                   "reward_last": float(last["reward_mean"]) if last else None,
+                   "worker_restarts": self.pool.restarts, "learner_restarts": self.learner.restarts,
+                   "buffer_restarts": self.buffer_restarts, **b,
+                   "checkpoint": str(self.ckpt_path), "plot": str(png)}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log("\n" + "-" * 60)
+        for k, v in summary.items():
+            log(f"{k:>18} : {v:.3f}" if isinstance(v, float) else f"{k:>18} : {v}")
+        log("-" * 60)
+        ray.shutdown()
+        log(f"run dir: {self.run_dir}")
+        return self.run_dir
+
+
+# ----------------------------------------------------------------------------- entry point
+PLOT_USAGE = "usage: python launch.py plot RUN_DIR   (redraws RUN_DIR/curves.png from RUN_DIR/metrics.csv)"
+
+
+def plot_main(args: list[str]) -> int:
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(PLOT_USAGE, file=sys.stdout if args[:1] in (["-h"], ["--help"]) else sys.stderr)
+        return 0 if args[:1] in (["-h"], ["--help"]) else 2
     from nanogrpo.plot import plot_run
-    png = plot_run(run_dir / "metrics.csv", run_dir / "curves.png")
-    metrics_log.close(png)  # the --report-to sinks get the curves and end their runs
-    summary = {"steps": step, "wall_seconds": round(wall, 1), "interrupted": interrupted,
-               "eval_first": eval_hist[0][1] if eval_hist else None,
-               "eval_last": eval_hist[-1][1] if eval_hist else None,
-               "eval_best": max(e for _, e in eval_hist) if eval_hist else None,
-               "reward_last": last_metrics.get("reward_mean"), "worker_restarts": restarts, **bstats,
-               "checkpoint": str(ckpt_path), "plot": str(png)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log("\n" + "-" * 60)
-    for k_, v in summary.items():
-        log(f"{k_:>18} : {v:.3f}" if isinstance(v, float) else f"{k_:>18} : {v}")
-    log("-" * 60)
-    ray.shutdown()
-    log(f"run dir: {run_dir}")
-    return run_dir
+    try:
+        print(plot_run(Path(args[0]) / "metrics.csv", Path(args[0]) / "curves.png"))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
-        if len(argv) != 2:
-            print("usage: python launch.py plot RUN_DIR", file=sys.stderr)
-            return 2
-        from nanogrpo.plot import plot_run
-        print(plot_run(Path(argv[1]) / "metrics.csv", Path(argv[1]) / "curves.png"))
-        return 0
+        return plot_main(argv[1:])
     from nanogrpo.runconfig import parse_args
-    cfg, given = parse_args(argv, description=__doc__.split("\n\n")[0])
+    cfg, given = parse_args(argv, description=__doc__.split("\n\n")[0],
+                            epilog="commands: `python launch.py plot RUN_DIR` redraws a run's curves.png")
     # A shell starts background jobs (`nohup python launch.py &`) with SIGINT ignored, and Python
     # keeps it ignored: give `kill -INT` the clean stop of Ctrl-C there too.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    from learner.group import LearnerLost
     try:
         run(cfg, given)
+    except KeyboardInterrupt:
+        print("interrupted before the run started; nothing was trained", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, TimeoutError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_names(str(e))}", file=sys.stderr)
         return 2
-    except TrainingAborted as e:
+    except (TrainingAborted, LearnerLost) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

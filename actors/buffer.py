@@ -28,6 +28,7 @@ class EpisodeBuffer:
         self.groups: collections.deque[pa.RecordBatch] = collections.deque()
         c = counters or {}
         self.produced, self.consumed, self.dropped = c.get("produced", 0), c.get("consumed", 0), c.get("dropped", 0)
+        self.lost = c.get("lost", 0)  # groups that were in a buffer actor that died (counted by the driver)
         self.log_dir = Path(log_dir) if log_dir else None
         self.log_every = log_every_groups
         self.pending_log: list[pa.RecordBatch] = []
@@ -126,6 +127,19 @@ class EpisodeBuffer:
         table = pa.Table.from_batches(out, schema=SCHEMA)
         return table.take(np.arange(table.num_rows))
 
+    async def reset(self, next_ticket: int) -> int:
+        """Drop every group held (counted as dropped) and serve takes from ticket `next_ticket` on: the
+        driver rewinds to a checkpoint and generates those steps' groups again. -> groups dropped."""
+        cond = self._cond()
+        async with cond:
+            n = len(self.groups)
+            self.dropped += n
+            self.groups.clear()
+            self.dropped_work = []
+            self.next_ticket = next_ticket
+            cond.notify_all()
+        return n
+
     def pop_dropped(self) -> list[tuple[int, int, int]]:
         """Work items of groups dropped as stale since the last call (for the driver to re-issue)."""
         out, self.dropped_work = self.dropped_work, []
@@ -143,7 +157,7 @@ class EpisodeBuffer:
         return self.part
 
     def stats(self) -> dict:
-        return {"produced": self.produced, "consumed": self.consumed, "dropped": self.dropped,
+        return {"produced": self.produced, "consumed": self.consumed, "dropped": self.dropped, "lost": self.lost,
                 "in_buffer": len(self.groups), "log_parts": self.part, "waiting_takes": self.waiting_takes}
 
     def checkpoint_state(self) -> dict:
@@ -151,5 +165,5 @@ class EpisodeBuffer:
         so they are counted as dropped to keep produced = consumed + dropped + buffered."""
         self.flush()
         s = self.stats()
-        return {"produced": s["produced"], "consumed": s["consumed"],
+        return {"produced": s["produced"], "consumed": s["consumed"], "lost": s["lost"],
                 "dropped": s["dropped"] + s["in_buffer"], "log_parts": s["log_parts"]}

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import ray
-import torch
 
-from nanogrpo.checkpoint import local_model_dir
+from actors.startup import start_actor
 from nanogrpo.episode import group_batch
 from nanogrpo.generate import generate
-from nanogrpo.heap import keep_heap
 from nanogrpo.model import Qwen2
+from nanogrpo.runconfig import RunConfig
 from nanogrpo.tasks import load_task
 from nanogrpo.tokenizer import Tokenizer
 from nanogrpo.weights import CollectiveGroup, digest, flatten_parameters, unpack_into
@@ -40,35 +38,39 @@ def prompt_ids(tok: Tokenizer, task, example: dict) -> list[int]:
     return tok.encode(text + task.response_prefix)
 
 
+def buffer_name(base: str, incarnation: int) -> str:
+    return f"{base}#{incarnation}"
+
+
+def newest_buffer(base: str) -> str:
+    """The name of the buffer's latest incarnation (the driver re-creates a dead buffer as #n+1)."""
+    names = [n for n in ray.util.list_named_actors() if n.startswith(base + "#")]
+    if not names:
+        raise ValueError(f"no episode buffer named {base}#*")
+    return max(names, key=lambda n: int(n.rsplit("#", 1)[1]))
+
+
 @ray.remote
 class RolloutWorker:
-    def __init__(self, worker_id: int, model_dir: str, task_spec: str, task_data: str | None, seed: int,
-                 threads: int, sampling: dict, buffer, num_test: int | None = None, put_timeout: float = 120.0,
+    def __init__(self, worker_id: int, cfg: RunConfig, model_dir: str, buffer_name: str,
                  model_files: list | None = None):
-        torch.set_num_threads(threads)
-        keep_heap()  # no page-fault storms from the same tensors freed and reallocated every batch
-        if not (Path(model_dir) / "config.json").is_file() and model_files and model_files[0] is not None:
-            model_dir = local_model_dir(model_dir, ray.get(model_files[0]))  # node without the driver's files
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        self.worker_id = worker_id
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = Qwen2.from_pretrained(model_dir, dtype=dtype, device=self.device).eval()
-        self.tok = Tokenizer.from_pretrained(model_dir)
-        self.task = load_task(task_spec, task_data, seed=seed, num_test=num_test, on_bad_row="skip")
-        self.sampling = sampling  # group_size, max_new_tokens, temperature, top_k, top_p
-        self.seed = seed
-        # The EpisodeBuffer's handle, or its name as a named actor: launch passes the name, since a handle
-        # among a restartable actor's arguments makes Ray log an error at every start.
-        self.buffer = ray.get_actor(buffer) if isinstance(buffer, str) else buffer
-        self.put_timeout = put_timeout
+        """cfg: the run's resolved configuration; buffer_name: the base of the EpisodeBuffer's actor
+        name (a handle among a restartable actor's arguments makes Ray log an error at every start,
+        and a re-created buffer is found by name, see `newest_buffer`)."""
+        env = start_actor(cfg.threads_per_worker, model_dir, model_files, cfg.dtype)
+        self.worker_id, self.cfg, self.device = worker_id, cfg, env.device
+        self.model = Qwen2.from_pretrained(env.model_dir, dtype=env.dtype, device=self.device).eval()
+        self.tok = Tokenizer.from_pretrained(env.model_dir)
+        self.task = load_task(cfg.task, cfg.data, seed=cfg.seed, num_test=cfg.num_test, on_bad_row="skip")
+        self.buffer_name, self.buffer = buffer_name, None  # looked up at the first put
         self.version = -1
         self.stops = stop_ids(self.tok)
         self.group: CollectiveGroup | None = None
 
     def ready(self) -> dict:
-        return {"worker_id": self.worker_id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "device": str(self.device), "gpu_ids": ray.get_gpu_ids()}
+        ctx = ray.get_runtime_context()
+        return {"worker_id": self.worker_id, "pid": os.getpid(), "node": ctx.get_node_id(), "device": str(self.device),
+                "gpu_ids": ray.get_gpu_ids(), "restarted": ctx.was_current_actor_reconstructed}
 
     def _sync(self, weights: list, version: int) -> float:
         """Load weights version `version` if newer than ours. -> seconds spent."""
@@ -88,13 +90,13 @@ class RolloutWorker:
         t0 = time.perf_counter()
         examples = [self.task.train[i] for _, _, i in work]
         prompts = [prompt_ids(self.tok, self.task, ex) for ex in examples]
-        G = self.sampling["group_size"]
+        cfg = self.cfg
+        G = cfg.group_size
         # The seed depends only on the work, not on which worker runs it, so a rerun (or a resumed
         # run) with the same weights samples the same completions.
-        seed = (self.seed * 1_000_003 + work[0][0]) % (2**31)
-        outs = generate(self.model, prompts, n=G, max_new_tokens=self.sampling["max_new_tokens"],
-                        temperature=self.sampling["temperature"], top_k=self.sampling["top_k"],
-                        top_p=self.sampling["top_p"], stop_token_ids=self.stops, seed=seed)
+        seed = (cfg.seed * 1_000_003 + work[0][0]) % (2**31)
+        outs = generate(self.model, prompts, n=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=self.stops, seed=seed)
         gen_s = time.perf_counter() - t0
         now = time.time()
         rows, n_tokens = [], 0
@@ -109,28 +111,53 @@ class RolloutWorker:
                              "policy_version": self.version, "worker_id": self.worker_id,
                              "gen_seconds": gen_s, "created_at": now})
                 n_tokens += len(c.token_ids)
-        ray.get(self.buffer.put.remote([group_batch(rows)], timeout=self.put_timeout))  # one batch, whole groups
+        self._put(group_batch(rows))
         return {"worker_id": self.worker_id, "pid": os.getpid(), "groups": len(work), "tokens": n_tokens, "gen_seconds": gen_s,
                 "sync_seconds": sync_s, "version": self.version}
 
-    def evaluate(self, indices: list[int], weights: list, version: int, split: str = "test") -> list[float]:
-        """Greedy pass@1 on the task's held-out examples: 1.0 per solved example."""
+    def _put(self, batch):
+        """One batch of whole groups into the buffer. A buffer that died is re-created by the driver
+        under the next incarnation's name: look for it (until the put timeout) instead of failing."""
+        deadline = time.monotonic() + self.cfg.sync_timeout
+        while True:
+            try:
+                if self.buffer is None:
+                    self.buffer = ray.get_actor(newest_buffer(self.buffer_name))
+                return ray.get(self.buffer.put.remote([batch], timeout=self.cfg.sync_timeout))
+            except (ray.exceptions.RayActorError, ValueError):  # ValueError: no such actor (yet)
+                if time.monotonic() > deadline:
+                    raise
+                self.buffer = None
+                time.sleep(0.5)
+
+    def forget_weights(self) -> dict:
+        """After the learner was rebuilt from a checkpoint its version numbers repeat with other
+        weights: load the next version offered whatever its number."""
+        self.version = -1
+        return {"pid": os.getpid()}
+
+    def evaluate(self, indices: list[int], weights: list, version: int, split: str = "test") -> dict:
+        """Greedy pass@1 on the task's held-out examples. -> {"pid", "scores": 1.0 per solved example}."""
         self._sync(weights, version)
         examples = [getattr(self.task, split)[i] for i in indices]
         prompts = [prompt_ids(self.tok, self.task, ex) for ex in examples]
-        outs = generate(self.model, prompts, n=1, max_new_tokens=self.sampling["max_new_tokens"],
-                        temperature=0.0, stop_token_ids=self.stops)
-        return [float(self.task.score(self.task.response_prefix + self.tok.decode(c.token_ids, skip_special_tokens=True),
-                                      ex)["answer"] == 1.0) for c, ex in zip(outs, examples)]
+        outs = generate(self.model, prompts, n=1, max_new_tokens=self.cfg.max_new_tokens, temperature=0.0,
+                        stop_token_ids=self.stops)
+        texts = [self.task.response_prefix + self.tok.decode(c.token_ids, skip_special_tokens=True) for c in outs]
+        return {"pid": os.getpid(), "scores": [float(self.task.score(t, ex)["answer"] == 1.0)
+                                               for t, ex in zip(texts, examples)]}
 
     def weights_digest(self) -> tuple[int, str]:
         return self.version, digest(self.model)
 
     # --- torch.distributed transport (see nanogrpo/weights.py)
-    def join_group(self, addr: str, port: int, rank: int, world_size: int, timeout_s: float):
+    def join_group(self, addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> dict:
+        if self.group is not None:  # a rebuilt group (a peer died): leave the broken one first
+            self.group.close()
         flatten_parameters(self.model)  # receive each broadcast straight into the parameters' buffers
         self.group = CollectiveGroup(addr, port, rank, world_size, timeout_s)
+        return {"pid": os.getpid()}
 
-    def receive(self) -> int:
+    def receive(self) -> dict:
         self.version = self.group.broadcast(self.model, -1)
-        return self.version
+        return {"pid": os.getpid(), "version": self.version}

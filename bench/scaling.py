@@ -41,12 +41,14 @@ def rollout_scaling(model_dir: str, rounds: int, window: float) -> dict:
     median of the per-round ratios."""
     from actors.buffer import EpisodeBuffer
     from actors.rollout import RolloutWorker
+    from nanogrpo.runconfig import RunConfig
     from nanogrpo.tasks import load_task
 
     n_train = len(load_task("arithmetic").train)
-    sampling = {"group_size": 8, "max_new_tokens": 16, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    buf = EpisodeBuffer.options(max_concurrency=100).remote(10**6)
-    ws = [RolloutWorker.remote(i, model_dir, "arithmetic", None, 0, 1, sampling, buf) for i in range(2)]
+    cfg = RunConfig(group_size=8, max_new_tokens=16, threads_per_worker=1, dtype="fp32")
+    name = f"bench-buffer-{time.time_ns()}"
+    buf = EpisodeBuffer.options(name=f"{name}#0", max_concurrency=100).remote(10**6)  # workers look up name#N
+    ws = [RolloutWorker.remote(i, cfg, model_dir, name) for i in range(2)]
     ray.get([w.ready.remote() for w in ws])
     weights = [ray.put(pack(Qwen2.from_pretrained(model_dir), 0))]
     calls = itertools.count()

@@ -21,13 +21,13 @@ import numpy as np
 import ray
 import torch
 
-from learner.broadcast import free_port
+from actors.startup import start_actor
+from learner.sync import free_port
+from nanogrpo.checkpoint import load_run_state, save_run_checkpoint
 from nanogrpo.dist import DPGroup, GradReducer, ShardedOffloadAdamW, balance_groups
-from nanogrpo.checkpoint import load_run_state, local_model_dir, save_run_checkpoint
 from nanogrpo.episode import group_tensors
 from nanogrpo.grpo import (LossConfig, group_advantages, grpo_loss, overlong_penalty, reduce_loss_metrics,
                            token_logprobs)
-from nanogrpo.heap import keep_heap
 from nanogrpo.model import Qwen2
 from nanogrpo.optim import CPUOffloadAdamW, clip_grad_norm_, param_groups
 from nanogrpo.runconfig import RunConfig
@@ -89,26 +89,23 @@ def step_metrics(b: dict, version: int, counts: dict) -> dict:
 class LearnerCore:
     """The learner's state and maths, runnable in-process (tests) or as the `Learner` actor below."""
 
-    def __init__(self, cfg: dict, model_dir: str, threads: int, resume_from: str | None = None,
+    def __init__(self, cfg: RunConfig | dict, model_dir: str, threads: int, resume_from: str | None = None,
                  model_files: list | None = None, colocated_threads: int = 0):
-        self.cfg = RunConfig(**cfg)
+        self.cfg = cfg if isinstance(cfg, RunConfig) else RunConfig(**cfg)
         # Threads: as asked, else the cores of *this* node that co-located rollout workers leave free.
-        torch.set_num_threads(threads if threads > 0 else auto_threads(os.cpu_count() or 1, colocated_threads))
-        keep_heap()  # no page-fault storms from the same activations freed and reallocated every micro-batch
-        if not (Path(model_dir) / "config.json").is_file() and model_files and model_files[0] is not None:
-            model_dir = local_model_dir(model_dir, ray.get(model_files[0]))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        env = start_actor(threads if threads > 0 else auto_threads(os.cpu_count() or 1, colocated_threads),
+                          model_dir, model_files, self.cfg.dtype, trains=True)
+        self.device, self.model_dir = env.device, env.model_dir
         torch.manual_seed(self.cfg.seed)
-        load_dir = resume_from or model_dir
-        # Working weights: bf16 on a GPU (fp32 masters live in the optimizer, on the CPU); fp32 on a CPU.
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = Qwen2.from_pretrained(load_dir, dtype=dtype, device=self.device)
+        # Working weights in the run's dtype (bf16 on a GPU by default); the fp32 masters live in the
+        # CPU-offloaded optimizer either way, so bf16 working weights still take full-precision steps.
+        self.model = Qwen2.from_pretrained(resume_from or env.model_dir, dtype=env.dtype, device=self.device)
         self.model.gradient_checkpointing = self.cfg.grad_checkpointing
         flatten_parameters(self.model)  # one buffer per dtype: publishing a version needs no packing copy
-        self.model_dir = model_dir
         self.ref = None
         if self.cfg.kl_coef > 0:  # the frozen reference is the starting policy, never the resumed one
-            self.ref = Qwen2.from_pretrained(model_dir, dtype=dtype, device=self.device).eval().requires_grad_(False)
+            self.ref = Qwen2.from_pretrained(env.model_dir, dtype=env.dtype, device=self.device).eval()
+            self.ref.requires_grad_(False)
         self.opt = CPUOffloadAdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr)
         self.version = 0
         self.skipped_in_a_row = 0
@@ -131,14 +128,17 @@ class LearnerCore:
         return self.version, digest(self.model)
 
     def join_group(self, addr: str, port: int, world_size: int, timeout_s: float):
+        if self.group is not None:  # a rebuilt group (a worker died): leave the broken one first
+            self.group.close()
         self.group = CollectiveGroup(addr, port, 0, world_size, timeout_s)
 
     def broadcast(self) -> int:
         return self.group.broadcast(self.model, self.version)
 
     def node_info(self) -> dict:
-        return {"node": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids(),
-                "device": str(self.device), "ip": ray.util.get_node_ip_address()}
+        return {"node": ray.get_runtime_context().get_node_id(), "gpu_ids": ray.get_gpu_ids(), "pid": os.getpid(),
+                "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "ip": ray.util.get_node_ip_address()}
 
     def free_port(self) -> int:
         return free_port()

@@ -23,7 +23,7 @@ CSV_COLUMNS = [
     "adv_std", "response_len", "truncated_frac", "pg_masked_frac", "overlong_penalty", "staleness_mean",
     "staleness_max", "logprob_gap", "logprob_gap_onpolicy", "zero_var_frac", "skipped_step", "lr", "tokens_per_s",
     "time_step", "time_generate", "time_train", "time_sync", "learner_idle_s", "buffer_produced", "buffer_consumed",
-    "buffer_dropped", "buffer_in", "worker_restarts", "wall_time",
+    "buffer_dropped", "buffer_in", "worker_restarts", "wall_time", "buffer_lost", "learner_restarts",
 ]
 
 
@@ -131,16 +131,29 @@ class MetricsLog:
         self.sinks = [_SINKS[n](run_dir, run_config or {}) for n in check_report_to(report_to)]
         self.last_step = resume_step or 0
 
+    def truncate(self, step: int):
+        """Keep the rows up to `step`: the learner was rebuilt from that step's checkpoint and the
+        steps after it are trained again, so their first rows must go (no step twice)."""
+        rows = [r for r in csv.DictReader(self.path.open()) if int(r["step"]) <= step]
+        self._write_all(rows)
+
+    def rows(self) -> list[dict]:
+        return list(csv.DictReader(self.path.open())) if self.path.is_file() else []
+
     def _write_all(self, rows):
-        with self.path.open("w", newline="") as f:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:  # then renamed: a stop mid-rewrite keeps the old file
             w = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
+        os.replace(tmp, self.path)
 
     def write(self, row: dict):
         clean = {k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v) for k, v in row.items()}
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore").writerow(clean)
+            f.flush()
+            os.fsync(f.fileno())  # the row survives the process being killed right after
         self.last_step = int(row["step"])
         scalars = {k: float(v) for k, v in row.items()
                    if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}

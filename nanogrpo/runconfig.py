@@ -1,13 +1,15 @@
 """The run configuration: one dataclass whose fields are launch.py's flags.
 
 Each field's `help` is the flag's --help text, so the two cannot drift apart. `validate()` turns a
-bad combination into one clear error before any work (or any file write) starts.
+bad combination into one clear error before any work (or any file write) starts. The config is
+frozen: the driver resolves it once (`resolved`: task defaults, cluster GPUs, derived sizes) and
+hands that same object to every actor; nothing changes it afterwards.
 """
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from nanogrpo.metrics import check_report_to
@@ -17,7 +19,7 @@ def opt(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     # --- what to train
     model: str = opt("tiny", "HF checkpoint directory (config.json + model.safetensors + tokenizer files), "
@@ -82,17 +84,20 @@ class RunConfig:
     gpus_per_worker: float = opt(0.0, "GPUs per rollout worker (fractions allowed; 0 on a CPU-only cluster)")
     learner_gpus: float = opt(-1, "GPUs for the learner (-1 = 1 when the cluster has a GPU, else 0)")
     dtype: str = opt("auto", "compute dtype of rollout workers and learner: auto (bf16 on a GPU or a CPU with native "
-                     "bf16 such as AMX, else fp32) | fp32 | bf16", choices=("auto", "fp32", "bf16"))
+                     "bf16 such as AMX, else fp32; a CPU learner stays fp32) | fp32 | bf16",
+                     choices=("auto", "fp32", "bf16"))
     threads_per_worker: int = opt(1, "torch CPU threads per rollout worker (keeps workers from oversubscribing cores)")
     learner_threads: int = opt(0, "torch CPU threads for the learner (0 = the cores its node's rollout workers "
                                "leave free, or all of them when that is fewer than 2)")
     max_staleness: int = opt(1, "k: consume groups made by a policy at most k versions old (0 = synchronous). "
                              "k >= 1 overlaps generation with training, which pays off when the learner has a GPU "
                              "or cores of its own; where workers and learner share a few CPU cores, 0 is as fast")
-    rollout_batch: int = opt(0, "prompts per rollout call (0 = prompts_per_step / num_rollout_workers)")
-    buffer_capacity: int = opt(0, "episode buffer capacity in groups (0 = 4 x prompts_per_step)")
+    rollout_batch: int = opt(0, "prompts per rollout call (0 = --prompts-per-step / --num-rollout-workers)")
+    buffer_capacity: int = opt(0, "episode buffer capacity in groups (0 = 4 x --prompts-per-step)")
     weight_sync: str = opt("object-store", "how weights reach workers: object-store (ray.put) | collective "
                            "(torch.distributed: NCCL on GPU, gloo on CPU)", choices=("object-store", "collective"))
+    max_learner_restarts: int = opt(3, "re-create a dead learner from the last complete checkpoint this many times "
+                                    "in one run before stopping (0 = a learner death ends the run)")
     max_skipped_steps: int = opt(5, "abort after this many consecutive steps with a non-finite loss or gradient")
     sync_timeout: float = opt(120.0, "seconds any remote wait (weight sync, buffer take) may take before failing")
     address: str | None = opt(None, "Ray cluster address ('auto' inside one); default: start a local cluster")
@@ -141,14 +146,31 @@ class RunConfig:
             bad("gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         if self.sync_timeout <= 0:
             bad("sync_timeout", f"must be > 0 seconds, got {self.sync_timeout}")
-        if self.eval_every < 0 or self.save_every < 0 or self.keep_last < 1:
-            bad("eval_every", "eval_every and save_every must be >= 0 and keep_last >= 1")
+        for name in ("eval_every", "save_every", "max_learner_restarts", "rollout_batch", "buffer_capacity"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            bad("keep_last", f"must be >= 1, got {self.keep_last}")
         if cluster_gpus is not None:
             need = self.gpus_per_worker * self.num_rollout_workers + max(self.learner_gpus, 0)
             if need > cluster_gpus + 1e-9:
                 bad("gpus_per_worker", f"the run needs {need:g} GPUs ({self.num_rollout_workers} workers x "
                     f"{self.gpus_per_worker:g} + learner {max(self.learner_gpus, 0):g}) but the cluster has "
                     f"{cluster_gpus:g}")
+
+    def resolved(self, task_max_new_tokens: int, cluster_gpus: float) -> "RunConfig":
+        """The run's one configuration: defaults that depend on the task or the cluster filled in
+        (completion budget, learner GPUs, buffer capacity, prompts per rollout call), validated
+        against the cluster. -> a new frozen config; this one is left as it is."""
+        learner_gpus = (1 if cluster_gpus >= 1 else 0) if self.learner_gpus < 0 else self.learner_gpus
+        out = replace(self, max_new_tokens=self.max_new_tokens or task_max_new_tokens, learner_gpus=learner_gpus,
+                      buffer_capacity=self.buffer_capacity or 4 * self.prompts_per_step,
+                      rollout_batch=self.rollout_batch or -(-self.prompts_per_step // self.num_rollout_workers))
+        out.validate(cluster_gpus=cluster_gpus)
+        return out
+
+    def with_overrides(self, **changes) -> "RunConfig":
+        return replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -168,8 +190,16 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" except where the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        return h if "(default" in h or "default:" in h else super()._get_help_string(action)
+
+
+def build_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter, epilog=epilog)
     for f in fields(RunConfig):
         kind = f.type if isinstance(f.type, str) else f.type.__name__
         typ = int if kind.startswith("int") else float if kind.startswith("float") else (
@@ -183,9 +213,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv=None, description: str = "") -> tuple[RunConfig, set[str]]:
+def parse_args(argv=None, description: str = "", epilog: str | None = None) -> tuple[RunConfig, set[str]]:
     """-> (config, names of the flags the user set explicitly)."""
-    p = build_parser(description)
+    p = build_parser(description, epilog)
     ns = p.parse_args(argv)
     given = {k for k, v in vars(ns).items() if v != p.get_default(k)}
     return RunConfig(**vars(ns)), given

@@ -30,7 +30,7 @@ def cluster():
 def tiny_cfg(tmp_path, **kw) -> RunConfig:
     base = dict(steps=4, prompts_per_step=8, group_size=4, sft_steps=0, eval_every=0, save_every=0,
                 num_rollout_workers=2, gpus_per_worker=0.5, num_test=16, quiet=True, out=str(tmp_path / "run"),
-                sync_timeout=120.0)
+                sync_timeout=120.0, dtype="fp32")
     base.update(kw)
     return RunConfig(**base)
 
@@ -40,11 +40,13 @@ def test_placement_and_bitwise_weight_sync(cluster, tmp_path):
     without its GPU, and a weight sync that delivers anything but the learner's exact bytes."""
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        cfg = tiny_cfg(tmp_path)
-        run_dir, cfg = launch.prepare_run_dir(cfg, set())
-        model_dir = launch.prepare_model(cfg, run_dir)
-        cfg.max_new_tokens = 8
-        pg, buffer, learner, workers, info = launch.start_actors(cfg, run_dir, model_dir, {}, None)
+        plan = launch.make_plan(tiny_cfg(tmp_path), set())
+        cfg = plan.cfg.resolved(8, ray.cluster_resources().get("GPU", 0))
+        model_dir = launch.create_run_dir(plan)
+        run_dir = plan.run_dir
+        actors = launch.start_actors(cfg, run_dir, model_dir, {}, None)
+        pg, buffer, learner, info = actors.pg, actors.buffer, actors.learner.actor, actors.info
+        workers = [s.handle for s in actors.pool.slots]
         table = ray.util.placement_group_table(pg)
         bundle_nodes = table["bundles_to_node_id"]
         assert info[0]["node"] == bundle_nodes[0]

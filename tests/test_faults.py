@@ -107,7 +107,7 @@ def test_rollout_worker_sigkill_twice(tmp_path):
 
 COMMON = ["--task", "small_task:make", "--steps", "8", "--prompts-per-step", "8", "--group-size", "4",
           "--sft-steps", "10", "--max-staleness", "0", "--save-every", "2", "--keep-last", "10", "--eval-every", "0",
-          "--seed", "3", "--quiet", "true"]
+          "--seed", "3", "--quiet", "true", "--dtype", "fp32"]
 
 
 @pytest.mark.slow
@@ -191,8 +191,9 @@ def test_non_finite_gradient_skips_step_and_leaves_weights(tmp_path):
 
     model_dir = write_tiny_model_dir(tmp_path / "m")
     tiny_model().save_pretrained(model_dir)
-    # NaN sampler log-probs reach the ratio only with --old-logprobs sampler (the learner's own are finite).
-    cfg = RunConfig(group_size=2, prompts_per_step=1, max_new_tokens=4, old_logprobs="sampler")
+    # NaN sampler log-probs reach the ratio only with --old-logprobs sampler (the learner's own are
+    # finite); fp32: a bf16 step can round to no change in the working weights.
+    cfg = RunConfig(group_size=2, prompts_per_step=1, max_new_tokens=4, old_logprobs="sampler", dtype="fp32")
     core = LearnerCore(vars(cfg), str(model_dir), threads=1)
 
     def table(logp):
@@ -240,3 +241,169 @@ def test_ctrl_c_stops_with_a_consistent_checkpoint(tmp_path, sig):
     assert ckpt.name == f"step-{summary['steps']:06d}" and state["step"] == state["version"] == summary["steps"]
     assert [int(r["step"]) for r in step_rows(run_dir)] == list(range(1, summary["steps"] + 1))
     assert summary["produced"] == summary["consumed"] + summary["dropped"] + summary["in_buffer"]
+
+
+def kill_first(sid: int, name: str, timeout: float, poll: float = 0.005) -> int:
+    """SIGKILL the first process of the session whose title starts with `name` (Ray titles a
+    worker busy in a call `ray::Class.method`), as soon as one shows up. -> its pid."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        pids = session_pids(sid, name)
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            return pids[0]
+        time.sleep(poll)
+    raise AssertionError(f"no {name} process within {timeout}s")
+
+
+def finished_run(p, run_dir, steps):
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, (out[-3000:], err[-3000:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps
+    assert [int(r["step"]) for r in step_rows(run_dir)] == list(range(1, steps + 1))  # none missing, none twice
+    assert summary["produced"] == summary["consumed"] + summary["dropped"] + summary["in_buffer"] + summary["lost"]
+    return out, summary
+
+
+# The held-out set is 256 prompts with 16-token answers, so an eval lasts long enough to be hit.
+EVAL_TASK = '''
+from nanogrpo.tasks import Task, load_task
+def make(data=None, seed=0):
+    base = load_task("arithmetic", seed=seed)
+    return Task("evalheavy", base.train[:64], base.test[:256], base.messages, base.score, "", 16)
+'''
+FAULT = ["--prompts-per-step", "4", "--group-size", "4", "--sft-steps", "0", "--seed", "1", "--quiet", "true",
+         "--dtype", "fp32", "--sync-timeout", "30"]
+
+
+@pytest.mark.slow
+def test_worker_sigkilled_during_evaluation(tmp_path):
+    """Guards against the unsupervised evaluation fan-out: a worker killed inside `evaluate` ended
+    the run with ActorUnavailableError. Its eval share must go to a live worker, the death be
+    counted once, and every step still finish."""
+    (tmp_path / "eval_task.py").write_text(EVAL_TASK)
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "eval_task:make", "--steps", "6", "--eval-every", "2",
+               "--save-every", "0", *FAULT], tmp_path)
+    try:
+        kill_first(p.pid, "ray::RolloutWorker.evaluate", 300)
+        out, summary = finished_run(p, run_dir, 6)
+    finally:
+        kill_session(p)
+    assert summary["worker_restarts"] == 1, out[-3000:]
+    assert "died" in out and "in evaluate" in out
+    assert summary["final_eval"] is True and summary["eval_last"] is not None
+
+
+@pytest.mark.slow
+def test_worker_sigkilled_during_start_up(tmp_path):
+    """Guards against the unsupervised start-up wait (`ray.get` over every worker's `ready`): a
+    worker that dies while it loads must be restarted, counted once (Ray tells the new process it
+    was reconstructed), and the run go on."""
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "small_task:make", "--steps", "4", "--eval-every", "0",
+               "--save-every", "0", *FAULT], tmp_path)
+    try:
+        kill_first(p.pid, "ray::RolloutWorker", 300, poll=0.001)
+        out, summary = finished_run(p, run_dir, 4)
+    finally:
+        kill_session(p)
+    assert summary["worker_restarts"] == 1, out[-3000:]
+
+
+@pytest.mark.slow
+def test_learner_sigkilled_after_a_checkpoint_recovers_in_run(tmp_path):
+    """Guards against a learner death ending the run (only a manual --resume continued it): the
+    driver must rebuild the learner from the last complete checkpoint, redo the steps after it
+    (their first rows replaced, not duplicated) and exit 0."""
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "small_task:make", "--steps", "10", "--eval-every", "0",
+               "--save-every", "2", "--keep-last", "10", *FAULT], tmp_path)
+    try:
+        wait_for(lambda: (run_dir / "checkpoints" / "step-000004" / "MANIFEST.json").exists(), 300, "checkpoint 4")
+        kill_first(p.pid, "ray::LearnerCore", 30)
+        out, summary = finished_run(p, run_dir, 10)
+    finally:
+        kill_session(p)
+    assert summary["learner_restarts"] == 1, out[-3000:]
+    assert "learner recovered" in out
+    gaps = [float(r["logprob_gap"]) for r in step_rows(run_dir) if r["logprob_gap"]]
+    assert max(gaps) < 0.5  # workers run the rebuilt learner's weights (k = 1 leaves a small gap)
+
+
+@pytest.mark.slow
+def test_buffer_actor_killed(tmp_path):
+    """Guards against the episode buffer's death ending the run or unbalancing the accounting: it is
+    re-created under its name, the steps to come regenerate their groups, and what it held is
+    counted as lost."""
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "small_task:make", "--steps", "10", "--eval-every", "0",
+               "--save-every", "0", *FAULT], tmp_path)
+    try:
+        wait_for(lambda: len(step_rows(run_dir)) >= 3, 300, "3 steps")
+        kill_first(p.pid, "ray::EpisodeBuffer", 30)
+        out, summary = finished_run(p, run_dir, 10)
+    finally:
+        kill_session(p)
+    assert summary["buffer_restarts"] == 1, out[-3000:]
+    assert "episode buffer died" in out
+
+
+@pytest.mark.slow
+def test_collective_sync_worker_killed_mid_broadcast(tmp_path):
+    """Guards against the collective branch's unsupervised broadcast: a worker killed while it
+    receives must not hang the run; the group is rebuilt (the restarted worker included) and the
+    broadcast repeated within the timeout, and every step finishes."""
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "small_task:make", "--steps", "40", "--eval-every", "0",
+               "--save-every", "0", "--weight-sync", "collective", "--max-staleness", "0",
+               *[a if a != "30" else "20" for a in FAULT]], tmp_path)
+    try:
+        wait_for(lambda: len(step_rows(run_dir)) >= 2, 300, "2 steps")
+        pids = session_pids(p.pid, "ray::RolloutWorker")
+        hit, t0 = None, time.time()
+        while hit is None and time.time() - t0 < 120 and p.poll() is None:
+            for pid in pids:  # poll only the two workers' titles: fast enough to land inside a receive
+                try:
+                    if b".receive" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
+                        hit = pid
+                        break
+                except OSError:
+                    continue
+        assert hit is not None, "never saw a worker inside receive"
+        out, summary = finished_run(p, run_dir, 40)
+    finally:
+        kill_session(p)
+    assert summary["worker_restarts"] == 1, out[-3000:]
+    assert "rebuilding" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sigterm_at_a_random_moment_keeps_every_finished_step(tmp_path, seed):
+    """Guards against the row of the last trained step missing from metrics.csv although its
+    checkpoint was written (a SIGTERM between the learner's result and the row's write). Wherever
+    the signal lands, every step the learner finished (the final checkpoint's step) has its row."""
+    import random
+    delay = random.Random(seed).uniform(2.0, 25.0)
+    run_dir = tmp_path / "run"
+    p = start(["--out", str(run_dir), "--task", "small_task:make", "--steps", "400", "--eval-every", "3",
+               "--save-every", "4", *FAULT], tmp_path)
+    try:
+        time.sleep(delay)
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=300)
+    finally:
+        kill_session(p)
+    ckpt = latest_run_checkpoint(run_dir)
+    if p.returncode == 130 or ckpt is None:  # it landed before the first step: nothing trained, nothing to keep
+        assert step_rows(run_dir) == [], (delay, err[-2000:])
+        return
+    assert p.returncode == 0, (delay, err[-3000:])
+    done = json.loads((ckpt / "state.json").read_text())["step"]
+    assert [int(r["step"]) for r in step_rows(run_dir)] == list(range(1, done + 1)), delay
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == done and summary["interrupted"] is True
+    assert f"stopped after step {done}" in out

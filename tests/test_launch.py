@@ -82,7 +82,8 @@ def test_end_to_end_tiny_run_learns(tmp_path):
     episodes (accounting balances, the Parquet log holds every one) and missing artifacts."""
     run_dir = tmp_path / "run"
     out = launch("--out", str(run_dir), "--steps", "60", "--prompts-per-step", "16", "--sft-steps", "150",
-                 "--max-staleness", "0", "--eval-every", "30", "--save-every", "30", "--seed", "1", "--lr", "3e-4")
+                 "--max-staleness", "0", "--eval-every", "30", "--save-every", "30", "--seed", "1", "--lr", "3e-4",
+                 "--dtype", "fp32")  # fp32 everywhere: the gap bound below is an fp32 bound, on any CPU
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == f"run dir: {run_dir}"
     rows = read_metrics(run_dir)
@@ -144,3 +145,16 @@ def test_resume_with_only_a_corrupt_checkpoint_rejected(tmp_path):
     (ck / "MANIFEST.json").write_text(json.dumps({"complete": True, "files": {"model.safetensors": 999}}))
     out = launch("--resume", str(run), timeout=120)
     assert out.returncode == 2 and "no complete checkpoint" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_bf16_run_completes(tmp_path):
+    """Guards against --dtype not reaching the actors (today's hard-coded fp32 on a CPU) and a bf16
+    CPU learner that cannot finish a run (bf16 working weights, fp32 masters in the optimizer)."""
+    run_dir = tmp_path / "run"
+    out = launch("--out", str(run_dir), "--steps", "3", "--prompts-per-step", "4", "--group-size", "4",
+                 "--sft-steps", "5", "--num-test", "8", "--eval-every", "0", "--dtype", "bf16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "learner on cpu (bfloat16" in out.stdout
+    rows = [r for r in read_metrics(run_dir) if r["reward_mean"]]
+    assert len(rows) == 3 and all(r["grad_norm"] for r in rows)

@@ -1,13 +1,8 @@
-"""nanogrpo.plot: metrics.csv -> one PNG, with matplotlib or the built-in numpy renderer.
-
-The built-in PNG is decoded here with zlib by hand, so a broken chunk/CRC/filter byte (which
-image viewers often show as a blank or truncated image rather than an error) fails the test."""
+"""nanogrpo.plot: metrics.csv -> one PNG drawn with matplotlib, and `python launch.py plot`."""
 import csv
-import math
-import struct
+import os
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +11,7 @@ import pytest
 from nanogrpo import plot
 from nanogrpo.plot import plot_run, read_metrics
 
+ROOT = Path(__file__).resolve().parents[1]
 SIG = b"\x89PNG\r\n\x1a\n"
 COLUMNS = ["step", "reward_mean", "reward_std", "success_rate", "format_rate", "eval_success", "kl",
            "entropy", "loss", "grad_norm", "response_len", "logprob_gap", "tokens_per_s", "task"]
@@ -30,142 +26,116 @@ def _write_csv(path: Path, rows: list[list]) -> Path:
     return path
 
 
-@pytest.fixture
-def run_csv(tmp_path) -> Path:
-    """60 steps of plausible metrics with the usual holes: eval every 10 steps, a NaN loss, an inf
-    throughput, an empty entropy cell, a text column and tiny KL values (ticks like 1.2e-05)."""
+def rows_60(kl_scale: float = 2e-7):
     rng = np.random.default_rng(0)
     rows = []
     for s in range(60):
         r = 0.1 + s / 80 + rng.normal(0, 0.03)
-        rows.append([s, r, 0.2, r * 0.8, 0.9, r * 0.7 if s % 10 == 0 else "", 2e-7 * s,
+        rows.append([s, r, 0.2, r * 0.8, 0.97, r * 0.7 if s % 10 == 0 else "", kl_scale * s,
                      "" if s == 30 else 1.5 - s / 100, "nan" if s == 5 else rng.normal(0, 0.02),
                      1 + rng.random(), 40 - s / 4, 1e-7 * rng.random(), "inf" if s == 7 else 9000 + s, "arith"])
-    return _write_csv(tmp_path / "run-abc" / "metrics.csv", rows)
+    return rows
 
 
-def decode_png(path: Path) -> tuple[dict, np.ndarray]:
-    """Minimal decoder for what write_png emits: checks signature, chunk CRCs, IHDR and filter 0."""
-    data = Path(path).read_bytes()
-    assert data[:8] == SIG
-    pos, chunks = 8, []
-    while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
-        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
-        assert zlib.crc32(kind + body) & 0xFFFFFFFF == crc, f"bad CRC in {kind!r}"
-        chunks.append((kind, body))
-        pos += 12 + n
-    assert [k for k, _ in chunks][0] == b"IHDR" and chunks[-1][0] == b"IEND"
-    w, h, depth, ctype, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    ihdr = dict(width=w, height=h, depth=depth, color_type=ctype, compression=comp, filter=filt,
-                interlace=interlace)
-    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, 1 + w * 3)  # (H, filter byte + W*RGB)
-    assert (rows[:, 0] == 0).all(), "builtin writer only uses filter type 0"
-    return ihdr, rows[:, 1:].reshape(h, w, 3)
+@pytest.fixture
+def run_csv(tmp_path) -> Path:
+    """60 steps with the usual holes: eval every 10 steps, a NaN loss, an inf throughput, an empty
+    entropy cell, a text column, and a format rate near 1.0 (where a legend used to sit)."""
+    return _write_csv(tmp_path / "run-abc" / "metrics.csv", rows_60())
 
 
-def n_colours(img: np.ndarray) -> int:
-    rgb = img[..., :3].astype(np.int64)
-    return len(np.unique(rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]))
+def draw(m_csv, out, monkeypatch):
+    """plot_run, keeping the matplotlib Figure it drew so its artists can be checked."""
+    from matplotlib.figure import Figure
+    figs = []
+    orig = Figure.savefig
+
+    def keep(self, *a, **k):
+        figs.append(self)
+        return orig(self, *a, **k)
+    monkeypatch.setattr(Figure, "savefig", keep)
+    path = plot_run(m_csv, out)
+    return path, figs[0]
 
 
-def count_colour(img: np.ndarray, rgb, tol: int = 0) -> int:
-    return int((np.abs(img[..., :3].astype(int) - np.array(rgb)) <= tol).all(-1).sum())
+def test_png_has_every_panel_and_the_eval_points(run_csv, tmp_path, monkeypatch):
+    """Guards against a plot that silently drops a panel or the sparse eval column (drawn as
+    points, since a line through cells with gaps draws nothing)."""
+    out, fig = draw(run_csv, tmp_path / "out" / "c.png", monkeypatch)
+    assert out.read_bytes()[:8] == SIG
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert titles == [p.title for p in plot.PANELS]
+    success = next(ax for ax in fig.axes if ax.get_title() == "success rate")
+    eval_line = next(line for line in success.get_lines() if line.get_label() == "held-out eval")
+    assert len(eval_line.get_xdata()) == 6
 
 
-def test_builtin_png_decodes_and_shows_the_curves(run_csv, tmp_path):
-    out = plot_run(run_csv, tmp_path / "out" / "builtin.png", backend="builtin")
-    assert out == tmp_path / "out" / "builtin.png"
-    ihdr, img = decode_png(out)
-    assert ihdr == dict(width=1500, height=1034, depth=8, color_type=2, compression=0, filter=0, interlace=0)
-    assert n_colours(img) > 20  # not a blank canvas
-    # Line centres are fully covered, so the exact series colours appear despite anti-aliasing.
-    assert count_colour(img, plot.BLUE) > 300          # reward_mean (and throughput)
-    assert count_colour(img, plot.GREEN) > 6 * 20      # 6 held-out eval dots
-    assert count_colour(img, plot.RED) > 100           # kl
-    assert count_colour(img[:44], (0, 0, 0)) > 50      # the run-name title
+def test_success_legend_does_not_cover_the_format_line(run_csv, tmp_path, monkeypatch):
+    """Guards against the success panel's legend ("best" placement) sitting on the format-rate line,
+    which runs near 1.0 at the top of the panel: the legend must lie outside the data area."""
+    _, fig = draw(run_csv, tmp_path / "c.png", monkeypatch)
+    fig.canvas.draw()
+    ax = next(ax for ax in fig.axes if ax.get_title() == "success rate")
+    legend_box = ax.get_legend().get_window_extent()
+    assert not legend_box.overlaps(ax.get_window_extent())
 
 
-def test_auto_without_matplotlib_falls_back_to_builtin(run_csv, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    ihdr, img = decode_png(plot_run(run_csv, tmp_path / "auto.png"))
-    assert ihdr["color_type"] == 2 and count_colour(img, plot.BLUE) > 300
+def test_kl_panel_says_the_penalty_is_off(tmp_path, monkeypatch):
+    """Guards against a KL panel that is a flat line at 0 for a --kl-coef 0 run (it reads like a
+    measured zero): it must say there is no penalty instead, and draw the line when there is one."""
+    off = _write_csv(tmp_path / "off" / "metrics.csv", rows_60(kl_scale=0.0))
+    _, fig = draw(off, tmp_path / "off.png", monkeypatch)
+    kl = next(ax for ax in fig.axes if ax.get_title() == "KL to reference")
+    assert not kl.get_lines() and "--kl-coef 0" in " ".join(t.get_text() for t in kl.texts)
+    on = _write_csv(tmp_path / "on" / "metrics.csv", rows_60())
+    _, fig = draw(on, tmp_path / "on.png", monkeypatch)
+    kl = next(ax for ax in fig.axes if ax.get_title() == "KL to reference")
+    assert kl.get_lines()
 
 
-def test_matplotlib_png(run_csv, tmp_path):
-    pytest.importorskip("matplotlib")
-    import matplotlib.image
-
-    out = plot_run(run_csv, tmp_path / "mpl.png", backend="matplotlib")
-    data = out.read_bytes()
-    assert data[:8] == SIG and data[12:16] == b"IHDR"
-    w, h = struct.unpack(">II", data[16:24])
-    assert 1000 <= w <= 3000 and 600 <= h <= 2000
-    img = np.rint(matplotlib.image.imread(out) * 255).astype(np.uint8)  # (H, W, 3 or 4)
-    assert img.shape[:2] == (h, w)
-    assert n_colours(img) > 20
-    assert count_colour(img, plot.BLUE, tol=2) > 100
-
-
-BACKENDS = ["builtin", pytest.param("matplotlib", marks=pytest.mark.skipif(
-    __import__("importlib").util.find_spec("matplotlib") is None, reason="matplotlib not installed"))]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_columns_single_row_and_header_only(tmp_path, backend):
-    """Guards the crashes a fresh or broken run hits: min() of an empty array, a zero axis span
-    (log10(0) in the tick maths), a lone point that a line plot draws as nothing."""
-    empty = _write_csv(tmp_path / "a" / "metrics.csv", [[s] + [""] * 12 + ["x"] for s in range(5)])
-    single = _write_csv(tmp_path / "b" / "metrics.csv", [[7, 0.5, 0.1, 1, 1, 0.25, 1.2e-05, 2.0, -3e7, 5e8,
-                                                         12, 0.0, 1e-9, "x"]])
-    header_only = _write_csv(tmp_path / "c" / "metrics.csv", [])
-    for i, csv_path in enumerate([empty, single, header_only]):
-        out = plot_run(csv_path, tmp_path / f"{i}.png", backend=backend)
+def test_empty_columns_single_row_and_header_only(tmp_path):
+    """Guards against crashes on the CSV of a run that just started (a header, one row)."""
+    for i, rows in enumerate([[], [[0, "", "", "", "", 0.3, "", "", "", "", "", "", "", ""]]]):
+        out = plot_run(_write_csv(tmp_path / f"r{i}" / "metrics.csv", rows), tmp_path / f"{i}.png")
         assert out.read_bytes()[:8] == SIG
-    if backend == "builtin":
-        _, img = decode_png(tmp_path / "1.png")
-        assert count_colour(img, plot.BLUE) > 10  # the single reward point is drawn as a dot
-
-
-def test_tick_labels_for_tiny_and_huge_values():
-    ticks, k = plot._ticks(1.05e-05, 1.35e-05)
-    labels = plot._tick_labels(ticks, k)
-    assert "1.2e-05" in labels and len(set(labels)) == len(labels)
-    ticks, k = plot._ticks(2.7e7, 3.3e7)
-    assert "3e+07" in plot._tick_labels(ticks, k)
-    ticks, k = plot._ticks(-0.1, 1.1)
-    assert plot._tick_labels(ticks, k) == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
-    for lo, hi in [(0, 1e-300), (-1e12, 1e12), (3.0, 3.0 + 1e-9)]:
-        assert 1 <= len(plot._ticks(lo, hi)[0]) <= 12
-    assert all(math.isfinite(t) for t in plot._ticks(0, 5e8)[0])
 
 
 def test_read_metrics(tmp_path):
-    p = tmp_path / "m.csv"
-    p.write_text("step,reward_mean,task,kl\n1,0.5,arith,\n2,nan,arith\n\n3,,x,inf\n")
+    """Guards against misreading cells: empty, nan and text cells must become None or NaN, not 0."""
+    p = _write_csv(tmp_path / "m.csv", [[1, 0.5, "", "", "", "", "", "", "nan", "", "", "", "", "x"]])
     m = read_metrics(p)
-    assert list(m) == ["step", "reward_mean", "task", "kl"]
-    assert m["step"] == [1.0, 2.0, 3.0]
-    assert m["reward_mean"][0] == 0.5 and math.isnan(m["reward_mean"][1]) and m["reward_mean"][2] is None
-    assert m["task"] == [None, None, None]       # text is not plottable
-    assert m["kl"] == [None, None, math.inf]     # short row -> None; inf kept, skipped when drawn
+    assert m["step"] == [1.0] and m["reward_mean"] == [0.5] and m["reward_std"] == [None] and m["task"] == [None]
+    assert np.isnan(m["loss"][0])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        read_metrics(tmp_path / "missing.csv")
-    (tmp_path / "blank.csv").write_text("")
-    with pytest.raises(ValueError, match="no header row"):
-        read_metrics(tmp_path / "blank.csv")
-    with pytest.raises(ValueError, match="backend"):
-        plot_run(p, tmp_path / "x.png", backend="svg")
+        read_metrics(tmp_path / "nope.csv")
 
 
 def test_cli_writes_png_beside_csv(run_csv):
-    plot.main([str(run_csv), "--backend", "builtin"])
-    assert (run_csv.parent / "metrics.png").read_bytes()[:8] == SIG
+    """Guards against the module CLI writing somewhere unexpected."""
+    plot.main([str(run_csv)])
+    assert run_csv.with_name("metrics.png").read_bytes()[:8] == SIG
+
+
+def launch_plot(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), "plot", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_launch_plot_usage_and_errors(run_csv, tmp_path):
+    """Guards against `launch.py plot --help` and `plot runs/nope` ending in tracebacks: usage text,
+    a one-line error, and a PNG for a real run directory."""
+    h = launch_plot("--help")
+    assert h.returncode == 0 and "usage: python launch.py plot RUN_DIR" in h.stdout
+    bad = launch_plot(str(tmp_path / "nope"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "metrics.csv" in bad.stderr
+    ok = launch_plot(str(run_csv.parent))
+    assert ok.returncode == 0 and (run_csv.parent / "curves.png").read_bytes()[:8] == SIG
 
 
 def test_import_pulls_in_neither_ray_nor_matplotlib():
-    """nanogrpo/ must import without Ray, and matplotlib is optional: import it only when drawing."""
-    code = "import sys, nanogrpo.plot; bad = {'ray', 'matplotlib'} & set(sys.modules); assert not bad, bad"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    """Guards against the library importing Ray, or loading matplotlib before a plot is drawn."""
+    code = "import sys, nanogrpo.plot; print('ray' in sys.modules, 'matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr

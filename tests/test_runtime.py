@@ -136,7 +136,7 @@ class Peer:
         self.model = Qwen2.from_config(TINY, seed=seed)
 
     def ip_port(self):
-        from learner.broadcast import free_port
+        from learner.sync import free_port
         return ray.util.get_node_ip_address(), free_port()
 
     def join(self, addr, port, rank, world, timeout, flat=False):
