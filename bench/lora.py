@@ -28,14 +28,13 @@ from pathlib import Path
 
 import torch
 
+from bench.generate import TINY
 from nanogrpo import lora as L
 from nanogrpo.config import ModelConfig
 from nanogrpo.generate import generate
 from nanogrpo.model import Qwen2
 
-SMALL = dict(model_type="qwen2", vocab_size=1024, hidden_size=128, intermediate_size=384,
-             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=512)
+SMALL = TINY  # the generation bench's small shape
 SMOLLM2 = dict(model_type="qwen2", vocab_size=49152, hidden_size=576, intermediate_size=1536,
                num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
                tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192)

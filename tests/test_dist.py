@@ -90,18 +90,25 @@ def _rank(rank, world, port, model, data, out, micro=2, state=None):
     out.setdefault("state", {})[rank] = opt.state_dict()
 
 
-def _run_ranks(world, model, data, state=None):
-    port, out, errors = _port(), {}, []
+def run_ranks(world: int, fn) -> list:
+    """fn(rank, port) in `world` threads, one gloo rank each. -> their results, in rank order."""
+    port, out, errors = _port(), [None] * world, []
 
     def target(r):
         try:
-            _rank(r, world, port, copy.deepcopy(model), data, out, state=state)
+            out[r] = fn(r, port)
         except Exception as e:  # noqa: BLE001 - surfaced by the assert below
             errors.append(e)
     threads = [threading.Thread(target=target, args=(r,)) for r in range(world)]
     [t.start() for t in threads]
-    [t.join(120) for t in threads]
+    [t.join(300) for t in threads]
     assert not errors, errors
+    return out
+
+
+def _run_ranks(world, model, data, state=None):
+    out = {}
+    run_ranks(world, lambda r, port: _rank(r, world, port, copy.deepcopy(model), data, out, state=state))
     return out
 
 

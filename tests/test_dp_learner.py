@@ -3,23 +3,15 @@
 Ranks run as threads of this process, each a full LearnerCore with its own model and optimizer
 shard; they get the same tables, as the learner group hands every rank the whole step.
 """
-import socket
-import threading
-
 import pytest
 import torch
 
 from learner.learner import LearnerCore
+from test_dist import run_ranks
 from test_learner import episodes, model_dir  # noqa: F401 - model_dir is a fixture
 
 KEYS = ("loss", "pg_loss", "ratio_max", "ratio_min", "clip_frac", "entropy", "logprob_gap", "train_tokens",
         "grad_norm", "reward_mean")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(**kw) -> dict:
@@ -30,21 +22,12 @@ def _cfg(**kw) -> dict:
 
 
 def _run(world: int, model_dir, tables: list, **kw) -> list[tuple[LearnerCore, list[dict]]]:
-    port, out, errors = _port(), [None] * world, []
-
-    def rank(r):
-        try:
-            core = LearnerCore(_cfg(**kw), str(model_dir), threads=1)
-            if world > 1:
-                core.join_dp("127.0.0.1", port, r, world, timeout_s=60)
-            out[r] = (core, [core.train_step(t)[0] for t in tables])
-        except Exception as e:  # noqa: BLE001 - surfaced below
-            errors.append(e)
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
-    [t.start() for t in threads]
-    [t.join(300) for t in threads]
-    assert not errors, errors
-    return out
+    def rank(r, port):
+        core = LearnerCore(_cfg(**kw), str(model_dir), threads=1)
+        if world > 1:
+            core.join_dp("127.0.0.1", port, r, world, timeout_s=60)
+        return core, [core.train_step(t)[0] for t in tables]
+    return run_ranks(world, rank)
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
