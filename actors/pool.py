@@ -69,6 +69,7 @@ class RolloutPool:
         self.timeout, self.log, self.depth, self.max_attempts = timeout_s, log, depth, max_attempts
         self.queue: collections.deque[Job] = collections.deque()
         self.calls: dict[Any, tuple[int, Job, float]] = {}  # ref -> (worker, job, sent at)
+        self.sent_to: dict[Any, int | None] = {}  # ref -> the worker's pid as last known when it was sent
         self.stalled: set = set()  # refs whose worker was killed for stalling
         self.restarts = 0
         self.weights: list = [None]
@@ -201,6 +202,7 @@ class RolloutPool:
             slot.calls += 1
             job.attempts += 1
             self.calls[ref] = (w, job, time.perf_counter())
+            self.sent_to[ref] = slot.pid
 
     def _pick(self, job: Job, now: float) -> int | None:
         if job.pin is not None:
@@ -217,6 +219,7 @@ class RolloutPool:
 
     def _finish(self, ref):
         w, job, _ = self.calls.pop(ref)
+        sent_to = self.sent_to.pop(ref, None)
         slot = self.slots[w]
         slot.calls -= 1
         self.stalled.discard(ref)
@@ -226,7 +229,7 @@ class RolloutPool:
             self._failed_call(w, job, e)
             return
         except RayActorError as e:
-            self._died(w, job, e)
+            self._died(w, job, e, sent_to)
             return
         self._answered(w, result)
         job.result, job.done = result, True
@@ -245,9 +248,12 @@ class RolloutPool:
             self._count(w, "was restarted")
         slot.pid, slot.down_since = pid, None
 
-    def _died(self, w: int, job: Job, e: BaseException):
+    def _died(self, w: int, job: Job, e: BaseException, sent_to: int | None = None):
         slot = self.slots[w]
-        if slot.down_since is None:
+        # A call to a process that a newer one has already replaced reports a death that was
+        # counted then (its failure can arrive after the new process's first answer).
+        stale = sent_to is not None and slot.pid is not None and sent_to != slot.pid
+        if slot.down_since is None and not stale:
             slot.down_since = time.perf_counter()
             self._count(w, f"died ({type(e).__name__}) in {job.method}")
         slot.retry_at = time.perf_counter() + RETRY_DELAY_S
@@ -296,6 +302,7 @@ class RolloutPool:
             if ww != w:
                 continue
             del self.calls[ref]
+            self.sent_to.pop(ref, None)
             if job.pin is None:
                 job.attempts -= 1  # not the job's fault: it goes to another worker
                 self._again(job, lost)

@@ -38,7 +38,8 @@ def help_blocks(text: str) -> dict[str, str]:
 def test_help_pairs_each_flag_with_its_own_full_help_and_default():
     """Guards against help texts shifted by one flag (each flag described by its neighbour's text),
     truncated help, and a default shown for the wrong flag: the text printed beside each flag must
-    be exactly that field's help followed by its own default."""
+    be exactly that field's help followed by its own default, printed once (a help that already
+    says its default gets no second one)."""
     out = launch("--help", timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     blocks = help_blocks(out.stdout)
@@ -46,7 +47,10 @@ def test_help_pairs_each_flag_with_its_own_full_help_and_default():
     assert names <= set(blocks), names - set(blocks)
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
-        assert blocks[flag] == " ".join(f"{f.metadata['help']} (default: {f.default})".split()), flag
+        h = f.metadata["help"]
+        want = h if "(default" in h or "default:" in h else f"{h} (default: {f.default})"
+        assert blocks[flag] == " ".join(want.split()), flag
+        assert blocks[flag].count("default") <= h.count("default") + 1, flag
 
 
 # A task whose every reward is NaN: every step's loss and gradient are non-finite.

@@ -17,6 +17,7 @@ from actors.rollout import RolloutWorker, prompt_ids, stop_ids
 from nanogrpo.episode import SCHEMA
 from nanogrpo.generate import Completion, generate
 from nanogrpo.model import Qwen2
+from nanogrpo.runconfig import RunConfig
 from nanogrpo.tasks import arithmetic, countdown, gsm8k, load_task
 from nanogrpo.tiny import ENDOFTEXT_ID, TINY_MODEL_CONFIG, write_tiny_model_dir
 from nanogrpo.tokenizer import Tokenizer
@@ -26,9 +27,12 @@ Worker = RolloutWorker.__ray_actor_class__  # the plain class Ray wraps
 
 
 def make_worker(model_dir, task: str, sampling: dict, buffer):
-    # (worker_id, model_dir, task_spec, task_data, seed, threads, sampling, buffer), positionally: mutmut's
-    # trampolines under Ray's method wrapper mishandle keyword arguments to __init__.
-    return Worker(0, str(model_dir), task, None, 0, 1, sampling, buffer)
+    # (worker_id, cfg, model_dir, buffer_name), positionally: mutmut's trampolines under Ray's method
+    # wrapper mishandle keyword arguments to __init__. The recording buffer replaces the named actor.
+    cfg = RunConfig(task=task, seed=0, threads_per_worker=1, dtype="fp32", **sampling)
+    worker = Worker(0, cfg, str(model_dir), "unused-buffer-name")
+    worker.buffer = buffer
+    return worker
 
 
 class RecordingBuffer:
