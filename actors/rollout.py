@@ -96,7 +96,8 @@ class RolloutWorker:
         # run) with the same weights samples the same completions.
         seed = (cfg.seed * 1_000_003 + work[0][0]) % (2**31)
         outs = generate(self.model, prompts, n=G, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=self.stops, seed=seed)
+                        top_k=cfg.top_k, top_p=cfg.top_p, stop_token_ids=self.stops, seed=seed,
+                        max_batch_rows=cfg.max_batch_rows)
         gen_s = time.perf_counter() - t0
         now = time.time()
         rows, n_tokens = [], 0
@@ -142,7 +143,7 @@ class RolloutWorker:
         examples = [getattr(self.task, split)[i] for i in indices]
         prompts = [prompt_ids(self.tok, self.task, ex) for ex in examples]
         outs = generate(self.model, prompts, n=1, max_new_tokens=self.cfg.max_new_tokens, temperature=0.0,
-                        stop_token_ids=self.stops)
+                        stop_token_ids=self.stops, max_batch_rows=self.cfg.max_batch_rows)
         texts = [self.task.response_prefix + self.tok.decode(c.token_ids, skip_special_tokens=True) for c in outs]
         return {"pid": os.getpid(), "scores": [float(self.task.score(t, ex)["answer"] == 1.0)
                                                for t, ex in zip(texts, examples)]}

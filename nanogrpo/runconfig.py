@@ -93,6 +93,10 @@ class RunConfig:
                              "k >= 1 overlaps generation with training, which pays off when the learner has a GPU "
                              "or cores of its own; where workers and learner share a few CPU cores, 0 is as fast")
     rollout_batch: int = opt(0, "prompts per rollout call (0 = --prompts-per-step / --num-rollout-workers)")
+    max_batch_rows: int = opt(512, "rows (prompts x --group-size) a rollout worker decodes at once; a call with more "
+                              "keeps its batch full by admitting waiting prompts into the rows finished ones free "
+                              "(continuous refill: pays off when completion lengths spread, e.g. real models with "
+                              "a --rollout-batch of several batches)")
     buffer_capacity: int = opt(0, "episode buffer capacity in groups (0 = 4 x --prompts-per-step)")
     weight_sync: str = opt("object-store", "how weights reach workers: object-store (ray.put) | collective "
                            "(torch.distributed: NCCL on GPU, gloo on CPU)", choices=("object-store", "collective"))
@@ -119,7 +123,7 @@ class RunConfig:
         if self.group_size < 2:
             bad("group_size", f"must be >= 2 (group-normalised advantages need a group), got {self.group_size}")
         for name in ("steps", "prompts_per_step", "num_rollout_workers", "threads_per_worker",
-                     "micro_batch_tokens", "max_skipped_steps"):
+                     "micro_batch_tokens", "max_skipped_steps", "max_batch_rows"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_staleness < 0:

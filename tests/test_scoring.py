@@ -181,6 +181,26 @@ def test_episodes_carry_the_version_the_worker_generated_with(tiny_dir, no_objec
     assert rows[0]["logprobs"] == pytest.approx(want.logprobs, abs=1e-5)
 
 
+def test_worker_decodes_at_most_max_batch_rows_and_refills(tiny_dir, no_object_store, monkeypatch):
+    """Guards against --max-batch-rows not reaching the engine (continuous refill never engaging
+    in a run): a call of 3 prompts x 3 samples with a 3-row limit decodes one group at a time,
+    refilling, and yields the same greedy completions as all 9 rows at once."""
+    seen = []
+    real = rollout_mod.generate
+
+    def spy(*a, **k):
+        seen.append(k.get("max_batch_rows"))
+        return real(*a, **k)
+    monkeypatch.setattr(rollout_mod, "generate", spy)
+    outs = {}
+    for rows in (3, 512):
+        buf = RecordingBuffer()
+        worker = make_worker(tiny_dir, "arithmetic", {**SAMPLING, "temperature": 0.0, "max_batch_rows": rows}, buf)
+        worker.rollout([(0, 0, 0), (1, 0, 1), (2, 0, 2)], [pack(perturbed(tiny_dir, 1), 1)], 1)
+        outs[rows] = [r["completion_ids"] for r in sorted(buf.rows(), key=lambda r: (r["group_id"], r["sample_index"]))]
+    assert seen == [3, 512] and outs[3] == outs[512] and len(outs[3]) == 9
+
+
 def test_worker_refuses_weights_whose_version_disagrees(tiny_dir, no_object_store):
     """Guards against loading an object whose packed version is not the one named, which would
     label episodes with a version their weights are not."""
