@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -19,15 +18,12 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from learner.sync import free_port
+
 SHAPE = dict(model_type="qwen2", vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
              num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
              rope_theta=10000.0, tie_word_embeddings=True)
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bandwidth(group, nbytes: int, reps: int) -> float:
@@ -87,7 +83,7 @@ def _worker(rank: int, world: int, port: int, args: dict, out):
 
 def run_world(world: int, args: dict) -> dict:
     ctx = mp.get_context("spawn")
-    q, port = ctx.Queue(), _port()
+    q, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, args, q)) for r in range(world)]
     for p in procs:
         p.start()

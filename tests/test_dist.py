@@ -4,12 +4,12 @@ The ranks run as threads of this process, each with its own model copy and its o
 member: the same collectives as separate processes, without a process start per test.
 """
 import copy
-import socket
 import threading
 
 import pytest
 import torch
 
+from learner.sync import free_port
 from nanogrpo.dist import DPGroup, GradReducer, ShardedOffloadAdamW, balance_groups, shard_bounds
 from nanogrpo.grpo import token_logprobs
 from nanogrpo.model import Qwen2
@@ -21,11 +21,6 @@ CFG = dict(model_type="qwen2", vocab_size=48, hidden_size=32, intermediate_size=
            tie_word_embeddings=False)
 LR, WD, MAX_NORM = 3e-3, 0.1, 0.05  # a small max norm keeps clipping active on every step
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data(steps: int, seqs: int = 6, T: int = 10):
@@ -92,7 +87,7 @@ def _rank(rank, world, port, model, data, out, micro=2, state=None):
 
 def run_ranks(world: int, fn) -> list:
     """fn(rank, port) in `world` threads, one gloo rank each. -> their results, in rank order."""
-    port, out, errors = _port(), [None] * world, []
+    port, out, errors = free_port(), [None] * world, []
 
     def target(r):
         try:
