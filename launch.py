@@ -27,7 +27,7 @@ from pathlib import Path
 
 RESUMABLE_OVERRIDES = {"steps", "eval_every", "save_every", "keep_last", "quiet", "address", "sync_timeout",
                        "num_rollout_workers", "threads_per_worker", "learner_threads", "resume",
-                       "max_learner_restarts"}
+                       "max_learner_restarts", "num_learners"}
 REISSUE_OFFSET = 10**12  # added to a group id that is generated again, so ids stay unique
 PROGRESS_EVERY_S = 30.0  # a step (or an eval) longer than this prints where it is
 TINY_BUDGET = 64  # completion tokens that fit the built-in tiny model's tasks
@@ -94,7 +94,7 @@ def resume_config(cfg, given: set[str]):
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"--resume: {run_dir}/config.json not found (is it a nanogrpo run directory?)")
     saved = RunConfig.from_json_file(run_dir / "config.json")
-    bad = sorted(given - RESUMABLE_OVERRIDES)
+    bad = sorted(k for k in given - RESUMABLE_OVERRIDES if getattr(cfg, k) != getattr(saved, k))
     if bad:
         raise ValueError(f"--resume: flags {[flag(b) for b in bad]} would change the run; "
                          f"only {sorted(flag(o) for o in RESUMABLE_OVERRIDES)} may be given")
@@ -172,66 +172,99 @@ def connect_ray(cfg):
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"--address: cannot connect to a Ray cluster at {cfg.address!r}: {e}") from None
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, 1 + cfg.num_rollout_workers), include_dashboard=False,
+        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_learners + cfg.num_rollout_workers), include_dashboard=False,
                  log_to_driver=False)
 
 
 @dataclass
 class Actors:
-    pg: object
+    placement: object     # Placement
     buffer: object
     learner: object       # LearnerGroup
     pool: object          # RolloutPool
     buffer_name: str
-    info: list            # learner's node info, then each worker's
+    info: list            # learner rank 0's node info (every rank's under "ranks"), then each worker's
 
 
-def place(cfg):
-    """The placement group: the learner's bundle first, then one per rollout worker."""
+@dataclass
+class Placement:
+    """Two placement groups: the learner ranks' bundles, on one node, and one bundle per rollout worker."""
+    learners: object
+    workers: object
+
+    def learner(self, i: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        return PlacementGroupSchedulingStrategy(self.learners, placement_group_bundle_index=i)
+
+    def worker(self, i: int):
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        return PlacementGroupSchedulingStrategy(self.workers, placement_group_bundle_index=i)
+
+    def nodes(self) -> tuple[list[str], list[str]]:
+        """-> (node of each learner rank, node of each worker)."""
+        import ray
+        table = ray.util.placement_group_table
+        return ([table(self.learners)["bundles_to_node_id"][i] for i in range(len(self.learners.bundle_specs))],
+                [table(self.workers)["bundles_to_node_id"][i] for i in range(len(self.workers.bundle_specs))])
+
+
+def place(cfg) -> Placement:
+    """The learner ranks first, all on one node (STRICT_PACK: their collectives stay inside it; on a
+    node with GPUs they take GPUs 0..N-1, being placed first), then the rollout workers: packed on
+    the rest of a single node, spread over the nodes of a cluster."""
+    import ray
+
+    def bundle(gpus):
+        return {"CPU": 1, **({"GPU": gpus} if gpus else {})}
+    spread = len([n for n in ray.nodes() if n["Alive"]]) > 1
+    cpus, need = ray.cluster_resources().get("CPU", 0), cfg.num_learners + cfg.num_rollout_workers
+    if need > cpus:  # one CPU per learner rank and per worker: say so now instead of after --sync-timeout
+        raise ValueError(f"--num-rollout-workers: {cfg.num_learners} learner rank(s) + {cfg.num_rollout_workers} "
+                         f"workers need {need} CPUs (one each); the cluster has {cpus:g}")
+    learners = wait_placed([bundle(cfg.learner_gpus)] * cfg.num_learners, "STRICT_PACK", cfg)
+    workers = wait_placed([bundle(cfg.gpus_per_worker)] * cfg.num_rollout_workers, "SPREAD" if spread else "PACK", cfg)
+    return Placement(learners, workers)
+
+
+def wait_placed(bundles: list[dict], strategy: str, cfg):
     import ray
     from ray.util.placement_group import placement_group
-
-    def bundle(cpus, gpus):
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-    bundles = [bundle(1, cfg.learner_gpus)] + [bundle(1, cfg.gpus_per_worker)] * cfg.num_rollout_workers
-    # One node: pack (learner on the first GPU, workers on the rest). Several: spread them out.
-    strategy = "SPREAD" if len([n for n in ray.nodes() if n["Alive"]]) > 1 else "PACK"
     pg = placement_group(bundles, strategy=strategy)
     if not pg.wait(timeout_seconds=cfg.sync_timeout):
-        raise TimeoutError(f"placement group {bundles} ({strategy}) could not be placed within {cfg.sync_timeout:.0f}s; "
-                           f"cluster has {ray.cluster_resources()}")
+        what = (f"{cfg.num_learners} learner rank(s) on one node" if strategy == "STRICT_PACK" else
+                f"{cfg.num_rollout_workers} rollout workers")
+        raise TimeoutError(f"placement of {what}, {bundles} ({strategy}), did not succeed within "
+                           f"{cfg.sync_timeout:.0f}s; the cluster has {ray.cluster_resources()}")
     return pg
 
 
 def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from: str | None) -> Actors:
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.pool import RolloutPool
     from actors.rollout import RolloutWorker
     from learner.group import LearnerGroup
     from nanogrpo.checkpoint import read_dir_files
 
-    pg = place(cfg)
-
-    def on(i):
-        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-    where = ray.util.placement_group_table(pg)["bundles_to_node_id"]
-    colocated = sum(cfg.threads_per_worker for i in range(1, cfg.num_rollout_workers + 1) if where[i] == where[0])
+    placement = place(cfg)
+    learner_nodes, worker_nodes = placement.nodes()
+    colocated = sum(cfg.threads_per_worker for n in worker_nodes if n == learner_nodes[0])
     # Small models travel with the actors, so nodes that cannot see the driver's disk still load them. Only
     # when an actor lands off the driver's node: Ray logs an error for object refs among restartable actors' args.
     driver_node = ray.get_runtime_context().get_node_id()
-    files = read_dir_files(model_dir, 1 << 30) if any(n != driver_node for n in where.values()) else None
+    off = any(n != driver_node for n in learner_nodes + worker_nodes)
+    files = read_dir_files(model_dir, 1 << 30) if off else None
     model_files = [ray.put(files) if files is not None else None]
     buffer_name = f"nanogrpo-buffer-{os.getpid()}-{time.time_ns()}"  # workers find it by name (see RolloutWorker)
-    buffer = new_buffer(cfg, run_dir, buffer_name, 0, counters, on(0))
-    learner = LearnerGroup(cfg, model_dir, on(0), model_files, colocated)
-    workers = [RolloutWorker.options(num_cpus=1, num_gpus=cfg.gpus_per_worker, scheduling_strategy=on(i + 1),
+    buffer = new_buffer(cfg, run_dir, buffer_name, 0, counters, placement.learner(0))
+    learner = LearnerGroup(cfg, model_dir, [placement.learner(i) for i in range(cfg.num_learners)], model_files,
+                           colocated)
+    workers = [RolloutWorker.options(num_cpus=1, num_gpus=cfg.gpus_per_worker, scheduling_strategy=placement.worker(i),
                                      max_restarts=-1, max_task_retries=0).remote(
         i, cfg, model_dir, buffer_name, model_files) for i in range(cfg.num_rollout_workers)]
     pool = RolloutPool(workers, cfg.sync_timeout, log)
     info = [learner.start(resume_from)] + pool.start()
-    return Actors(pg, buffer, learner, pool, buffer_name, info)
+    return Actors(placement, buffer, learner, pool, buffer_name, info)
 
 
 def new_buffer(cfg, run_dir: Path, base: str, incarnation: int, counters: dict, scheduling):
@@ -340,7 +373,10 @@ class Driver:
         self.pool.restarts += int(state.get("worker_restarts", 0))  # (deaths at start-up are counted already)
         self.learner.restarts += int(state.get("learner_restarts", 0))
         info = self.actors.info
-        log(f"learner on {info[0]['device']} ({info[0]['dtype']}, node {info[0]['node'][:8]}), {len(info) - 1} rollout "
+        (self.run_dir / "placement.json").write_text(json.dumps({"learner": info[0]["ranks"], "workers": info[1:]},
+                                                                indent=1))  # where each actor started
+        ranks = f"{len(info[0]['ranks'])} learner ranks" if len(info[0]["ranks"]) > 1 else "learner"
+        log(f"{ranks} on {info[0]['device']} ({info[0]['dtype']}, node {info[0]['node'][:8]}), {len(info) - 1} rollout "
             f"workers on {', '.join(i['device'] + '@' + i['node'][:8] for i in info[1:])}")
         if plan.ckpt:
             log(f"resuming from step {self.step} ({plan.ckpt}); {self.cfg.steps - self.step} steps to go")
@@ -369,13 +405,14 @@ class Driver:
             tok = Tokenizer.from_pretrained(self.model_dir)
             seqs = [(prompt_ids(tok, task, ex), tok.encode(ex[field]) + [tok.eos_token_id]) for ex in task.train]
             t0 = time.perf_counter()
-            sft = self.learner.call("sft", seqs, sft_steps, 64, cfg.sft_lr, cfg.seed, what="the learner's supervised "
-                                    "warm start", timeout=cfg.sync_timeout + 2.0 * sft_steps)
+            sft = self.learner.sft(seqs, sft_steps, 64, cfg.sft_lr, cfg.seed, what="the learner's supervised "
+                                   "warm start", timeout=cfg.sync_timeout + 2.0 * sft_steps)
             log(f"supervised warm start: {sft_steps} steps in {time.perf_counter() - t0:.1f}s, "
                 f"loss {sft['sft_loss_first']:.3f} -> {sft['sft_loss_last']:.3f}")
         self.sync.start(self.pool, self.learner.actor)
         self.weights, self.version = self.learner.publish(), self.learner.state()["version"]
         self.sync.after_step(self.pool, self.learner.actor, self.weights, self.version)
+        self.last_progress = time.perf_counter()  # a long warm start is progress, not a stall
 
     def first_eval(self):
         """The step-0 eval of a fresh run (a resumed run has its row already)."""
@@ -390,6 +427,7 @@ class Driver:
             self.eval_hist.append((0, e0))
             self.metrics_log.write({"step": 0, "eval_success": e0, "wall_time": 0.0})
         log(f"step 0: held-out greedy success {e0:.3f} ({n} prompts, {time.perf_counter() - t0:.1f}s)")
+        self.last_progress = time.perf_counter()
 
     def evaluate(self) -> float:
         flat = self.pool.evaluate(len(self.task.test))
@@ -424,12 +462,12 @@ class Driver:
 
     def wait(self):
         """One rollout call or learner step finishing. -> the finished learner step's ref, or None."""
-        head = [self.steps_q[0][1]] if self.steps_q else []
-        ready = self.pool.wait(head, timeout=min(5.0, self.cfg.sync_timeout))
+        step_ref = self.steps_q[0][1] if self.steps_q else None
+        ready = self.pool.wait(self.learner.watch(step_ref) if step_ref else [], timeout=min(5.0, self.cfg.sync_timeout))
         now = time.perf_counter()
         if ready:
             self.last_progress = now
-            return ready[0]
+            return step_ref if self.learner.settled(ready[0], step_ref) else None
         if now - self.last_progress > 2 * self.cfg.sync_timeout + 30:
             raise TimeoutError(f"no progress for {now - self.last_progress:.0f}s: learner step {self.step + 1} waits "
                                f"for {self.cfg.prompts_per_step} groups and {self.pool.busy()} rollout calls are pending")
@@ -468,6 +506,7 @@ class Driver:
             self.pending_row.update(eval_success=ev, time_step=self.pending_row["time_step"] + time.perf_counter() - t0)
         row = self.write_pending()
         self.after_row(row, metrics)
+        self.last_progress = time.perf_counter()  # the eval and checkpoint above were progress too
 
     def write_pending(self) -> dict | None:
         with self.stopper.critical():
@@ -486,8 +525,7 @@ class Driver:
             self.recover(e)
 
     def learner_result(self, ref):
-        from learner.group import get
-        return get(ref, self.cfg.sync_timeout, f"learner step {self.step + 1}")
+        return self.learner.result(ref, self.cfg.sync_timeout, f"learner step {self.step + 1}")
 
     def step_row(self, metrics: dict) -> dict:
         b = self.buffer_stats()
@@ -598,6 +636,7 @@ class Driver:
         if takes:  # a cancelled take moves the buffer's ticket on as it ends: let it end before the reset
             ray.wait(takes, num_returns=len(takes), timeout=self.cfg.sync_timeout)
         self.steps_q.clear()
+        self.learner.forget_steps()
         self.pool.clear_rollouts()
         ray.get(self.buffer.reset.remote(step), timeout=self.cfg.sync_timeout)  # room for puts in flight
         self.pool.drain()
@@ -619,7 +658,7 @@ class Driver:
         counters = {"produced": produced, "consumed": consumed, "dropped": b["dropped"], "lost": lost,
                     "log_parts": b.get("log_parts", 0) + 1, "next_ticket": self.step}
         self.buffer = self.actors.buffer = new_buffer(self.cfg, self.run_dir, self.actors.buffer_name,
-                                                      self.buffer_restarts, counters, self.learner.scheduling)
+                                                      self.buffer_restarts, counters, self.learner.scheduling[0])
         self.bstats, self.bstats_step = dict(counters, in_buffer=0), self.step
         log(f"episode buffer died; re-created it at step {self.step} ({lost} groups lost in all so far), "
             "regenerating the groups of the steps to come")
@@ -634,8 +673,8 @@ class Driver:
             ray.cancel(take)
         while self.steps_q:
             try:
-                metrics, weights = ray.get(self.steps_q[0][1], timeout=self.cfg.sync_timeout)
-            except (RayError, GetTimeoutError):
+                metrics, weights = self.learner.result(self.steps_q[0][1], self.cfg.sync_timeout, "a queued step")
+            except (RayError, GetTimeoutError, TimeoutError):
                 break
             with self.stopper.critical():
                 self.steps_q.popleft()

@@ -12,6 +12,8 @@ and writes bench/results.json with the machine description and every sub-result.
   generate   bench/generate.py -> results_generate.json  rollout tokens/s vs transformers.generate
   learner    bench/learner.py  -> results_learner.json   GRPO step tokens/s vs transformers + AdamW
   scaling    bench/scaling.py  -> results_scaling.json   1 -> 2 rollout workers, weight sync, async
+  dp         bench/dp.py       -> results_dp.json        learner tokens/s with 2 data-parallel ranks vs 1,
+             the all-reduce time left after backward vs the measured gloo bandwidth's prediction
   gpu        bench/gpu.py      -> results_gpu.json       bf16 on a CUDA device, 0.5B shape: generation,
              learner and MFU, offloaded-optimizer memory, weight sync (0.5B, 1.5B); only when torch
              sees a CUDA device
@@ -54,6 +56,7 @@ SUBS = {
     "generate": ("bench.generate", "results_generate.json", (480, 1200)),  # + the real checkpoint with --model
     "learner": ("bench.learner", "results_learner.json", (300, 900)),
     "scaling": ("bench.scaling", "results_scaling.json", (480, 1200)),
+    "dp": ("bench.dp", "results_dp.json", (300, 900)),  # --quick: about a minute on 2 idle cores
     "gpu": ("bench.gpu", "results_gpu.json", (900, 1800)),  # only where torch sees a CUDA device
     # only with a real checkpoint (--model or $NANOGRPO_BENCH_MODEL) and trl installed
     "trl": ("bench.trl_peer", "results_trl.json", (900, 2400)),
@@ -73,6 +76,8 @@ TARGETS = {
     "ckpt_time": ("<=", 1.5),              # one extra forward per step should cost <= +50%
     "ckpt_mem": ("<=", 0.75),              # ... and buy at least a quarter of the step's peak memory
     "rollout_scaling": (">=", 1.8),        # 2 workers vs 1 on 2 cores
+    "dp_speedup": (">=", 1.6),             # 2 learner ranks vs 1 on 2 cores
+    "dp_allreduce": ("<=", 1.0),           # what backward does not hide of the gradient all-reduce
     "publish_load": ("<=", 2.0),           # publish + load one version vs one local memcpy
     "async_speedup": (">=", 1.5),          # steps/min with staleness 1 vs 0
     "e2e_reach": ("<=", 1.0),              # time to threshold / GRPO wall: reached within the run
@@ -344,6 +349,15 @@ def _scaling_rows(res: dict, add):
             + (f"; overlap bound {asy[f'{name}_overlap_bound']:.2f}x" if f"{name}_overlap_bound" in asy else ""))
 
 
+def _dp_rows(res: dict, add):
+    one, two = res["n1"], res["n2"]
+    add("learner tok/s, 2 data-parallel ranks (gloo, 1 thread each)", f"{two['tokens_per_s']:.0f}",
+        f"1 rank {one['tokens_per_s']:.0f}", res["speedup_2_vs_1"], "dp_speedup")
+    add("all-reduce left after backward, 2 ranks", f"{1e3 * two['allreduce_wait_s']:.1f} ms",
+        f"unoverlapped {1e3 * two['allreduce_predicted_s']:.1f} ms ({two['gloo_bytes_per_s'] / 2**30:.2f} GiB/s)",
+        res["allreduce_wait_vs_predicted"], "dp_allreduce")
+
+
 def _gpu_rows(res: dict, add):
     g, lr, mem = res["generate"], res["learner"], res["optimizer_memory"]
     add(f"GPU rollout tok/s, {g['workload']} bf16", f"{g['ours_tok_s']:.0f}", f"transformers {g['hf_tok_s']:.0f}",
@@ -379,6 +393,7 @@ PARTS = {  # name -> (rows from its result, what the failed row says it measures
     "generate": (_generate_rows, "rollout tokens/s vs transformers.generate"),
     "learner": (_learner_rows, "GRPO step tokens/s vs transformers + AdamW"),
     "scaling": (_scaling_rows, "rollout workers, weight sync, async"),
+    "dp": (_dp_rows, "data-parallel learner ranks, all-reduce"),
     "gpu": (_gpu_rows, "bf16 generation, learner, offload memory, weight sync on the GPU"),
     "trl": (_trl_rows, "GRPO steps/min vs TRL's GRPOTrainer"),
     "e2e": (_e2e_rows, "the default run"),

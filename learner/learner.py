@@ -93,8 +93,9 @@ class LearnerCore:
                  model_files: list | None = None, colocated_threads: int = 0):
         self.cfg = cfg if isinstance(cfg, RunConfig) else RunConfig(**cfg)
         # Threads: as asked, else the cores of *this* node that co-located rollout workers leave free.
-        env = start_actor(threads if threads > 0 else auto_threads(os.cpu_count() or 1, colocated_threads),
-                          model_dir, model_files, self.cfg.dtype, trains=True)
+        if threads <= 0:  # N ranks on one node share what the workers leave
+            threads = max(1, auto_threads(os.cpu_count() or 1, colocated_threads) // self.cfg.num_learners)
+        env = start_actor(threads, model_dir, model_files, self.cfg.dtype, trains=True)
         self.device, self.model_dir = env.device, env.model_dir
         torch.manual_seed(self.cfg.seed)
         # Working weights in the run's dtype (bf16 on a GPU by default); the fp32 masters live in the
@@ -160,6 +161,16 @@ class LearnerCore:
             self.opt.load_state_dict(state)
         self.reducer = GradReducer([p for p in self.model.parameters() if p.requires_grad], self.dp)
         return rank
+
+    @torch.no_grad()
+    def copy_weights_from_rank0(self) -> int:
+        """Every rank takes rank 0's weights (after a warm start that ran on rank 0 alone)."""
+        for flat in getattr(self.model, "_flat_params", {}).values():
+            self.dp.broadcast_(flat, 0)
+        if not getattr(self.model, "_flat_params", None):
+            for p in self.model.parameters():
+                self.dp.broadcast_(p.data, 0)
+        return self.rank
 
     @property
     def rank(self) -> int:

@@ -82,7 +82,12 @@ class RunConfig:
     # --- system
     num_rollout_workers: int = opt(2, "Ray rollout actors")
     gpus_per_worker: float = opt(0.0, "GPUs per rollout worker (fractions allowed; 0 on a CPU-only cluster)")
-    learner_gpus: float = opt(-1, "GPUs for the learner (-1 = 1 when the cluster has a GPU, else 0)")
+    learner_gpus: float = opt(-1, "GPUs for each learner rank (-1 = 1 when the cluster has a GPU, else 0)")
+    num_learners: int = opt(1, "data-parallel learner ranks, packed on one node (one GPU each when the cluster "
+                            "has GPUs: GPUs 0..N-1 of a single node, the rollout workers on the rest): each "
+                            "trains a token-balanced share of a step's groups, gradients are summed across "
+                            "them and each keeps 1/N of the offloaded optimizer state. A checkpoint resumes "
+                            "with any N")
     dtype: str = opt("auto", "compute dtype of rollout workers and learner: auto (bf16 on a GPU or a CPU with native "
                      "bf16 such as AMX, else fp32; a CPU learner stays fp32) | fp32 | bf16",
                      choices=("auto", "fp32", "bf16"))
@@ -123,7 +128,7 @@ class RunConfig:
         if self.group_size < 2:
             bad("group_size", f"must be >= 2 (group-normalised advantages need a group), got {self.group_size}")
         for name in ("steps", "prompts_per_step", "num_rollout_workers", "threads_per_worker",
-                     "micro_batch_tokens", "max_skipped_steps", "max_batch_rows"):
+                     "micro_batch_tokens", "max_skipped_steps", "max_batch_rows", "num_learners"):
             if getattr(self, name) < 1:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_staleness < 0:
@@ -156,11 +161,12 @@ class RunConfig:
         if self.keep_last < 1:
             bad("keep_last", f"must be >= 1, got {self.keep_last}")
         if cluster_gpus is not None:
-            need = self.gpus_per_worker * self.num_rollout_workers + max(self.learner_gpus, 0)
+            learners = max(self.learner_gpus, 0) * self.num_learners
+            need = self.gpus_per_worker * self.num_rollout_workers + learners
             if need > cluster_gpus + 1e-9:
                 bad("gpus_per_worker", f"the run needs {need:g} GPUs ({self.num_rollout_workers} workers x "
-                    f"{self.gpus_per_worker:g} + learner {max(self.learner_gpus, 0):g}) but the cluster has "
-                    f"{cluster_gpus:g}")
+                    f"{self.gpus_per_worker:g} + {self.num_learners} learner rank(s) x "
+                    f"{max(self.learner_gpus, 0):g}) but the cluster has {cluster_gpus:g}")
 
     def resolved(self, task_max_new_tokens: int, cluster_gpus: float) -> "RunConfig":
         """The run's one configuration: defaults that depend on the task or the cluster filled in
@@ -218,8 +224,12 @@ def build_parser(description: str, epilog: str | None = None) -> argparse.Argume
 
 
 def parse_args(argv=None, description: str = "", epilog: str | None = None) -> tuple[RunConfig, set[str]]:
-    """-> (config, names of the flags the user set explicitly)."""
+    """-> (config, names of the flags the user set explicitly, default values included: with
+    --resume, `--num-learners 1` must override a saved 2)."""
     p = build_parser(description, epilog)
     ns = p.parse_args(argv)
-    given = {k for k, v in vars(ns).items() if v != p.get_default(k)}
+    probe = build_parser(description, epilog)
+    for a in probe._actions:  # no defaults (only what argv sets survives), no conversion of them
+        a.default, a.type = argparse.SUPPRESS, None
+    given = set(vars(probe.parse_args(argv)))
     return RunConfig(**vars(ns)), given

@@ -1,4 +1,5 @@
-"""Multi-node: a head and two worker raylets on this machine, the worker nodes with fake GPUs.
+"""Multi-node: a head and two worker raylets on this machine, the worker nodes with fake GPUs
+(node a: 2, node b: 1).
 
 Ray accepts made-up `num_gpus`, so the placement logic (who lands where, what each actor was
 granted) is tested without a GPU; torch still runs on the CPU.
@@ -19,7 +20,7 @@ from nanogrpo.runconfig import RunConfig
 @pytest.fixture(scope="module")
 def cluster():
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    c.add_node(num_cpus=2, num_gpus=1, resources={"node_a": 1})
+    c.add_node(num_cpus=3, num_gpus=2, resources={"node_a": 1})
     c.add_node(num_cpus=2, num_gpus=1, resources={"node_b": 1})
     c.wait_for_nodes()
     yield c
@@ -45,16 +46,15 @@ def test_placement_and_bitwise_weight_sync(cluster, tmp_path):
         model_dir = launch.create_run_dir(plan)
         run_dir = plan.run_dir
         actors = launch.start_actors(cfg, run_dir, model_dir, {}, None)
-        pg, buffer, learner, info = actors.pg, actors.buffer, actors.learner.actor, actors.info
+        buffer, learner, info = actors.buffer, actors.learner.actor, actors.info
         workers = [s.handle for s in actors.pool.slots]
-        table = ray.util.placement_group_table(pg)
-        bundle_nodes = table["bundles_to_node_id"]
-        assert info[0]["node"] == bundle_nodes[0]
-        assert [i["node"] for i in info[1:]] == [bundle_nodes[1], bundle_nodes[2]]
+        learner_nodes, worker_nodes = actors.placement.nodes()
+        assert info[0]["node"] == learner_nodes[0]
+        assert [i["node"] for i in info[1:]] == worker_nodes
         assert len(info[0]["gpu_ids"]) == 1  # the learner holds a whole (fake) GPU
         assert all(len(i["gpu_ids"]) == 1 for i in info[1:])  # a worker sees the GPU it shares
         gpu_nodes = {n["NodeID"] for n in ray.nodes() if n["Resources"].get("GPU")}
-        assert set(bundle_nodes.values()) <= gpu_nodes
+        assert set(learner_nodes + worker_nodes) <= gpu_nodes
         # Publish, let every worker load it, compare digests; then one update and again.
         for version in range(2):
             weights = ray.get(learner.publish.remote())
@@ -85,3 +85,20 @@ def test_multinode_run_completes_with_staleness_one(cluster, tmp_path):
     assert set(log.column("policy_version").to_pylist()) <= set(range(0, 6))
     assert log.num_rows == summary["produced"] * cfg.group_size
     assert os.path.isdir(summary["checkpoint"])
+
+
+def test_learner_ranks_packed_on_one_node_first_gpus(cluster, tmp_path):
+    """Guards against data-parallel learner ranks spread over nodes (their all-reduce would cross
+    the network each step), ranks sharing a GPU or sitting on GPUs the rollout workers use, and a
+    2-rank run on a cluster not finishing: the ranks hold GPUs 0 and 1 of node a (the only node with
+    two), the workers are elsewhere, and the run completes."""
+    cfg = tiny_cfg(tmp_path, steps=3, num_learners=2, address=cluster.address)
+    run_dir = launch.run(cfg, {"address"})
+    placed = json.loads((run_dir / "placement.json").read_text())
+    node_a = cluster.list_all_nodes()[1].node_id  # added first: the one with 2 GPUs
+    learner_nodes = {r["node"] for r in placed["learner"]}
+    assert len(learner_nodes) == 1
+    assert sorted(g for r in placed["learner"] for g in r["gpu_ids"]) == [0, 1]
+    assert learner_nodes == {node_a}
+    assert learner_nodes.isdisjoint(w["node"] for w in placed["workers"])
+    assert len([r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["reward_mean"]]) == 3
