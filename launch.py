@@ -541,6 +541,8 @@ class Driver:
                                                        timeout=self.cfg.sync_timeout))
         for i in range(0, len(items), self.cfg.rollout_batch):
             self.pool.submit(items[i:i + self.cfg.rollout_batch])
+        if items:  # a step that needs F rounds of rollouts is slow, not stuck (see wait's no-progress check)
+            self.last_progress = time.perf_counter()
         if excused:
             ray.get(self.buffer.excuse.remote(excused), timeout=self.cfg.sync_timeout)
 

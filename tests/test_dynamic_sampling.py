@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import launch
 from actors.backfill import EXTRA_BASE, Backfill
@@ -151,6 +152,24 @@ def test_backfill_extras_are_bounded_deterministic_and_unique():
     bf.rewind(1)  # step 0 stays done; step 2 is generated anew and gets the same extras again
     assert bf.replace([(9, 2, 0)]) == ([bf.extra_item(2, 0)], 0) and bf.issued(0) == 5
     assert Backfill(4, 1.0, lambda pos: pos).replace([(1, 0, 0)]) == ([], 1)  # F = 1: no extras
+
+
+def test_learner_step_without_groups_moves_the_version_and_nothing_else(tmp_path):
+    """Guards against a step whose every prompt was filtered (the take returns no rows) crashing
+    the learner, changing weights or optimizer state, or not advancing the version (the driver's
+    staleness bound would never let the next step's prompts out); the step after it trains as usual."""
+    from nanogrpo.model import Qwen2
+    from nanogrpo.tiny import TINY_MODEL_CONFIG, write_tiny_model_dir
+    d = write_tiny_model_dir(tmp_path / "tiny")
+    Qwen2.from_config(TINY_MODEL_CONFIG, seed=3).save_pretrained(d)
+    core = LearnerCore(vars(RunConfig(lr=1e-3, group_size=2, max_new_tokens=8)), str(d), threads=1)
+    before = {n: p.detach().clone() for n, p in core.model.named_parameters()}
+    metrics, _ = core.train_step(SCHEMA.empty_table())
+    assert (metrics["groups"], metrics["train_tokens"], metrics["version"], core.version) == (0, 0, 1, 1)
+    assert all(torch.equal(p, before[n]) for n, p in core.model.named_parameters()) and not core.opt.state
+    metrics, _ = core.train_step(pa.Table.from_batches([group(0, [0, 1]), group(1, [1, 0])], schema=SCHEMA))
+    assert (metrics["groups"], metrics["version"]) == (2, 2) and metrics["train_tokens"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in core.model.named_parameters())
 
 
 def test_flags_help_and_validation():
