@@ -217,7 +217,8 @@ def simulate(step: int) -> tuple[int, int]:
 
 def run_launch(args, tmp_path):
     (tmp_path / "ds_task.py").write_text(DS_TASK)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
+    # RAY_ADDRESS=local: a cluster someone started with `ray start` on this machine is not joined.
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local"}
     p = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env, text=True,
                        capture_output=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
