@@ -218,7 +218,8 @@ class EpisodeBuffer:
 
     def checkpoint_state(self) -> dict:
         """Counters for a resume. Buffered groups are not kept: a resumed run regenerates them,
-        so they are counted as dropped to keep produced = consumed + dropped + filtered + buffered."""
+        so they are counted as dropped to keep produced = consumed + dropped + filtered + buffered
+        (excused groups belong to those regenerated steps too, so they start again at 0)."""
         self.flush()
         s = self.stats()
         return {"produced": s["produced"], "consumed": s["consumed"], "lost": s["lost"], "filtered": s["filtered"],
