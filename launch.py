@@ -29,6 +29,7 @@ RESUMABLE_OVERRIDES = {"steps", "eval_every", "save_every", "keep_last", "quiet"
                        "num_rollout_workers", "threads_per_worker", "learner_threads", "resume",
                        "max_learner_restarts", "num_learners"}
 REISSUE_OFFSET = 10**12  # added to a group id that is generated again, so ids stay unique
+EXTRA_STREAM_SEED = 10**6  # --dynamic-sampling's extra prompts walk their own shuffled order (seed + this)
 PROGRESS_EVERY_S = 30.0  # a step (or an eval) longer than this prints where it is
 TINY_BUDGET = 64  # completion tokens that fit the built-in tiny model's tasks
 
@@ -275,7 +276,7 @@ def new_buffer(cfg, run_dir: Path, base: str, incarnation: int, counters: dict, 
     from actors.rollout import buffer_name
     return EpisodeBuffer.options(name=buffer_name(base, incarnation), max_concurrency=1000,
                                  scheduling_strategy=scheduling).remote(
-        cfg.buffer_capacity, str(run_dir / "episodes"), counters)
+        cfg.buffer_capacity, str(run_dir / "episodes"), counters, spread_filter=cfg if cfg.dynamic_sampling else None)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -390,6 +391,7 @@ class Driver:
         self.bstats = {"produced": 0, "consumed": 0, "dropped": 0, "lost": 0, **counters, "in_buffer": 0}
         self.bstats_step, self.buffer_restarts = self.step, 0
         self.version, self.weights = 0, None
+        self.start_backfill()
 
     # ------------------------------------------------------------------ start
     def warm_start(self):
@@ -444,6 +446,7 @@ class Driver:
             for i in range(0, B, cfg.rollout_batch):
                 self.pool.submit(items[i:i + cfg.rollout_batch])
             self.dispatch_step += 1
+        self.refill()
         self.queue_steps()
 
     def queue_steps(self):
@@ -456,8 +459,8 @@ class Driver:
             n = self.step + len(self.steps_q)  # steps done or queued before this one
             if cfg.save_every and n % cfg.save_every == 0 and self.saved_step < n < cfg.steps:
                 break  # the checkpoint after step n is still to be written (the learner must be free for it)
-            take = self.buffer.take.remote(cfg.prompts_per_step, max(0, n - cfg.max_staleness), cfg.sync_timeout,
-                                           ticket=n)
+            wait_s = cfg.sync_timeout * (cfg.max_resample_factor if cfg.dynamic_sampling else 1)  # F x the prompts
+            take = self.buffer.take.remote(cfg.prompts_per_step, max(0, n - cfg.max_staleness), wait_s, ticket=n)
             self.steps_q.append((take, self.learner.train_step(take)))
 
     def wait(self):
@@ -535,7 +538,8 @@ class Driver:
                 "tokens_per_s": w.tokens / max(now - w.t0, 1e-9), "buffer_produced": b["produced"],
                 "buffer_consumed": b["consumed"], "buffer_dropped": b["dropped"], "buffer_in": b["in_buffer"],
                 "buffer_lost": b["lost"], "worker_restarts": self.pool.restarts,
-                "learner_restarts": self.learner.restarts, "wall_time": now - self.t_run}
+                "learner_restarts": self.learner.restarts, "wall_time": now - self.t_run,
+                **self.sampling_row(metrics, b)}
 
     def buffer_stats(self) -> dict:
         """The buffer's counters, and the work of groups it dropped as too stale queued again (their
@@ -550,6 +554,50 @@ class Driver:
         except RayError:
             pass  # the next wait finds the buffer dead and re-creates it
         return self.bstats
+
+    # ------------------------------------------------------------------ dynamic sampling
+    def start_backfill(self):
+        """--dynamic-sampling's extra prompts (actors/backfill.py): their own shuffled data stream."""
+        from actors.backfill import Backfill
+        cfg, n = self.cfg, len(self.task.train)
+        self.backfill = Backfill(cfg.prompts_per_step, cfg.max_resample_factor,
+                                 lambda pos: example_index(pos, n, cfg.seed + EXTRA_STREAM_SEED)) \
+            if cfg.dynamic_sampling else None
+        self.step_groups: dict[int, int] = {}  # step -> groups it trained on
+        self.filter_seen = (self.bstats["produced"], self.bstats.get("filtered", 0))  # at the last row
+
+    def refill(self):
+        """--dynamic-sampling: once every rollout call has landed, an extra prompt for each group the
+        buffer filtered, until its step's budget is spent; past it the group is excused, so a take
+        comes up short instead of waiting. Waiting for the calls to land makes the extras, and how
+        they are batched into calls (a call's seed is its first group id), the same in every run with
+        k = 0: such a run stays reproducible and its resume continues it exactly."""
+        import ray
+        if self.backfill is None or self.pool.rollouts_pending():
+            return
+        items, excused = self.backfill.replace(ray.get(self.buffer.pop_filtered.remote(),
+                                                       timeout=self.cfg.sync_timeout))
+        for i in range(0, len(items), self.cfg.rollout_batch):
+            self.pool.submit(items[i:i + self.cfg.rollout_batch])
+        if items:  # a step that needs F rounds of rollouts is slow, not stuck (see wait's no-progress check)
+            self.last_progress = time.perf_counter()
+        if excused:
+            ray.get(self.buffer.excuse.remote(excused), timeout=self.cfg.sync_timeout)
+
+    def sampling_row(self, metrics: dict, b: dict) -> dict:
+        """A step row's sampling columns: the groups it trained on and how many short of B; with
+        --dynamic-sampling also the prompts issued for its data (<= F x B) and the fraction of the
+        groups that reached the buffer since the previous row that were filtered."""
+        B = self.cfg.prompts_per_step
+        groups = int(metrics.get("groups", B))
+        self.step_groups[self.step] = groups
+        row = {"groups": groups, "shortfall": B - groups, "buffer_filtered": b.get("filtered", 0)}
+        if self.backfill is not None:
+            produced, filtered = b["produced"] - self.filter_seen[0], b.get("filtered", 0) - self.filter_seen[1]
+            self.filter_seen = (b["produced"], b.get("filtered", 0))
+            row.update(prompts_issued=self.backfill.issued(self.step - 1),
+                       filtered_frac=filtered / produced if produced else float("nan"))
+        return row
 
     def after_row(self, row: dict, metrics: dict):
         cfg = self.cfg
@@ -570,7 +618,11 @@ class Driver:
         trained = (f"| kl {row.get('kl', 0):.4f} | ent {row['entropy']:.3f} | len {row['response_len']:.1f} "
                    f"| stale {row['staleness_mean']:.2f} | gap {row['logprob_gap']:.2e}"
                    if row["train_tokens"] else
-                   f"| len {row['response_len']:.1f} | nothing trained: every group's rewards were equal")
+                   f"| len {row['response_len']:.1f} | nothing trained: every group's rewards were equal"
+                   if row.get("groups", 1) else
+                   f"| no group: none of the {row.get('prompts_issued')} prompts issued had reward spread")
+        if row.get("shortfall"):
+            trained += f" | {row['shortfall']} groups short"
         log(f"step {self.step}/{self.cfg.steps} | reward {row['reward_mean']:.3f} | success {row['success_rate']:.3f}{ev} "
             f"{trained} | {row['time_step']:.2f}s")
         self.last_print = time.perf_counter()
@@ -643,6 +695,8 @@ class Driver:
         ray.get(self.buffer.reset.remote(step), timeout=self.cfg.sync_timeout)
         self.pool.take_window()
         self.step = self.dispatch_step = step
+        if self.backfill:
+            self.backfill.rewind(step)
 
     def recover_buffer(self):
         """A new buffer under the same name. What the dead one held is lost: the steps trained since the
@@ -652,10 +706,12 @@ class Driver:
             raise TrainingAborted("the episode buffer died 4 times; stopping (the last checkpoint is intact)")
         self.finish_queued()  # a step whose groups were already taken still finishes
         b, B = self.bstats, self.cfg.prompts_per_step
-        consumed = b["consumed"] + B * (self.step - self.bstats_step)
-        produced = max(b["produced"], consumed + b["dropped"])
-        lost = produced - consumed - b["dropped"]
+        since = [self.step_groups.get(s, B) for s in range(self.bstats_step + 1, self.step + 1)]  # groups each took
+        consumed, filtered = b["consumed"] + sum(since), b.get("filtered", 0)
+        produced = max(b["produced"], consumed + b["dropped"] + filtered)
+        lost = produced - consumed - b["dropped"] - filtered
         counters = {"produced": produced, "consumed": consumed, "dropped": b["dropped"], "lost": lost,
+                    "filtered": filtered, "shortfall": b.get("shortfall", 0) + B * len(since) - sum(since),
                     "log_parts": b.get("log_parts", 0) + 1, "next_ticket": self.step}
         self.buffer = self.actors.buffer = new_buffer(self.cfg, self.run_dir, self.actors.buffer_name,
                                                       self.buffer_restarts, counters, self.learner.scheduling[0])

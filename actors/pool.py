@@ -159,6 +159,10 @@ class RolloutPool:
     def busy(self) -> int:
         return len(self.calls)
 
+    def rollouts_pending(self) -> int:
+        """Rollout calls queued or in flight."""
+        return sum(j.method == "rollout" for j in [*self.queue, *(j for _, j, _ in self.calls.values())])
+
     # ------------------------------------------------------------------ fan-out
     def run_jobs(self, jobs: list[Job], what: str, front: bool = False, raise_errors: bool = True):
         """Send `jobs`, keep the pool going until all are done (deaths re-issue them)."""

@@ -26,8 +26,7 @@ from learner.sync import free_port
 from nanogrpo.checkpoint import load_run_state, save_run_checkpoint
 from nanogrpo.dist import DPGroup, GradReducer, ShardedOffloadAdamW, balance_groups
 from nanogrpo.episode import group_tensors
-from nanogrpo.grpo import (LossConfig, group_advantages, grpo_loss, overlong_penalty, reduce_loss_metrics,
-                           token_logprobs)
+from nanogrpo.grpo import LossConfig, grpo_loss, no_signal, reduce_loss_metrics, shaped_advantages, token_logprobs
 from nanogrpo.model import Qwen2
 from nanogrpo.optim import CPUOffloadAdamW, clip_grad_norm_, param_groups
 from nanogrpo.runconfig import RunConfig
@@ -82,7 +81,7 @@ def step_metrics(b: dict, version: int, counts: dict) -> dict:
         "staleness_mean": float(stale.mean()), "staleness_max": float(stale.max()),
         "logprob_gap": counts["gap_sum"] / n_tok if n_tok else float("nan"),  # nan: no token trained
         "logprob_gap_onpolicy": counts["gap_on_sum"] / counts["gap_on_n"] if counts.get("gap_on_n") else float("nan"),
-        "train_tokens": float(n_tok), "version": version,
+        "train_tokens": float(n_tok), "version": version, "groups": float(len(b["prompt_lens"])),
     }
 
 
@@ -207,6 +206,8 @@ class LearnerCore:
         """One GRPO update on a table of whole groups. -> (metrics, [weights ref of the new version])."""
         t_start = time.perf_counter()
         idle = 0.0 if self.last_end is None else t_start - self.last_end
+        if table.num_rows == 0:
+            return self._empty_step(idle, t_start)
         b = self._step_batch(table)
         groups = self._groups_to_train(b)
         # The step's denominators count every row it took, trained or skipped, so neither
@@ -226,6 +227,22 @@ class LearnerCore:
         metrics["train_seconds"] = self.last_end - t_start
         return metrics, weights
 
+    def _empty_step(self, idle: float, t_start: float) -> tuple[dict, list]:
+        """A step without groups (--dynamic-sampling issued its whole --max-resample-factor budget and
+        found no group with reward spread): no update, but the version moves on as after any step,
+        so the driver's schedule (staleness bound, evals, checkpoints) goes on unchanged."""
+        lr = self._lr(self.version)
+        self.version += 1
+        nan = float("nan")  # no rows: the per-row statistics are undefined (blank in metrics.csv)
+        metrics = {k: nan for k in ("reward_mean", "reward_std", "success_rate", "format_rate", "response_len",
+                                    "zero_var_frac", "truncated_frac", "staleness_mean", "staleness_max")}
+        metrics.update(groups=0.0, train_tokens=0.0, version=self.version, grad_norm=0.0, lr=lr, skipped_step=0.0,
+                       skipped_in_a_row=self.skipped_in_a_row, learner_idle_s=idle)
+        weights = self.publish()
+        self.last_end = time.perf_counter()
+        metrics["train_seconds"] = self.last_end - t_start
+        return metrics, weights
+
     def _step_batch(self, table) -> dict:
         """The step's tensors (see group_tensors) plus the shaped advantages and truncation flags."""
         cfg, G = self.cfg, self.cfg.group_size
@@ -235,13 +252,7 @@ class LearnerCore:
         if any(s != G for s in sizes):
             raise ValueError(f"learner got groups of sizes {sorted(set(sizes))}, expected {G}")
         b["truncated"] = torch.tensor([r == "length" for r in table.column("finish_reason").to_pylist()])  # (N,)
-        b["penalty"] = overlong_penalty(b["completion_lens"], self._max_new(), cfg.overlong_buffer,
-                                        cfg.overlong_penalty)  # (N,) <= 0
-        adv, b["zero_var"] = group_advantages(b["rewards"] + b["penalty"], G, scale_std=cfg.scale_std)
-        # --mask-truncated: a truncated row keeps its place in its group's baseline but gets no
-        # policy gradient of its own (advantage 0); its KL/entropy terms and tokens still count.
-        b["pg_masked"] = b["truncated"] & cfg.mask_truncated
-        b["adv"] = torch.where(b["pg_masked"], 0.0, adv)  # (N,)
+        b.update(shaped_advantages(b["rewards"], b["completion_lens"], b["truncated"], G, self._max_new(), cfg))
         b["answers"] = torch.from_numpy(table.column("reward_answer").to_numpy().copy())
         b["formats"] = torch.from_numpy(table.column("reward_format").to_numpy().copy())
         return b
@@ -249,10 +260,10 @@ class LearnerCore:
     def _groups_to_train(self, b) -> list[int]:
         """Every group, less (with --drop-zero-var) those whose update is exactly 0: all advantages 0
         and no KL or entropy term, which would still pull on them."""
-        no_signal = (b["adv"].view(-1, self.cfg.group_size) == 0).all(-1)  # (groups,)
+        silent = no_signal(b["adv"], self.cfg.group_size)  # (groups,)
         if self.cfg.drop_zero_var and self.cfg.kl_coef == 0 and self.cfg.entropy_coef == 0:
-            return (~no_signal).nonzero().squeeze(-1).tolist()
-        return list(range(len(no_signal)))
+            return (~silent).nonzero().squeeze(-1).tolist()
+        return list(range(len(silent)))
 
     def _share(self, b, groups: list[int]) -> list[int]:
         """This rank's whole groups of the step's trained ones, balanced across ranks by tokens."""

@@ -216,6 +216,28 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: 
     return -penalty * over / buffer
 
 
+def shaped_advantages(rewards: torch.Tensor, lengths: torch.Tensor, truncated: torch.Tensor, group_size: int,
+                      max_len: int, cfg) -> dict[str, torch.Tensor]:
+    """The advantages a step trains on, from rewards (N,), completion lengths (N,) and truncation
+    flags (N,) of whole groups: the overlong penalty, group-normalised advantages of the shaped
+    reward, and --mask-truncated's zeroing. cfg: a RunConfig (or anything with its field names).
+    The learner and --dynamic-sampling's buffer filter both call this, so the filter drops exactly
+    the groups the learner would find without signal. -> penalty, adv, zero_var (per group) and
+    pg_masked (per row); `no_signal(adv, G)` says which groups' advantages are all 0."""
+    penalty = overlong_penalty(lengths, max_len, cfg.overlong_buffer, cfg.overlong_penalty)  # (N,) <= 0
+    adv, zero_var = group_advantages(rewards + penalty, group_size, scale_std=cfg.scale_std)
+    # --mask-truncated: a truncated row keeps its place in its group's baseline but gets no
+    # policy gradient of its own (advantage 0); its KL/entropy terms and tokens still count.
+    pg_masked = truncated & cfg.mask_truncated
+    return {"penalty": penalty, "adv": torch.where(pg_masked, 0.0, adv), "zero_var": zero_var,
+            "pg_masked": pg_masked}
+
+
+def no_signal(adv: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) advantages -> (groups,) True where every advantage of the group is 0 (no policy gradient)."""
+    return (adv.view(-1, group_size) == 0).all(-1)
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """The loss options of one run (the flags of the same names; see the module docstring)."""

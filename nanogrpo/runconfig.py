@@ -69,6 +69,18 @@ class RunConfig:
                               "entropy term (with --kl-coef or --entropy-coef on they are trained for those). The "
                               "loss denominator always counts every group of the step, so this switch never "
                               "changes the update, only its cost")
+    dynamic_sampling: bool = opt(False, "DAPO dynamic sampling: a group without reward spread (every advantage 0 after "
+                                 "the --overlong-* shaping and --mask-truncated) never reaches the learner; the "
+                                 "driver issues an extra prompt in its place, so each step trains on "
+                                 "--prompts-per-step groups with spread. Bounded by --max-resample-factor: a step "
+                                 "whose budget runs out trains on the groups it has (0 to B) and metrics.csv logs "
+                                 "the shortfall. Filtered groups are counted (buffer_filtered) and kept in the "
+                                 "episode log. With it on, --drop-zero-var finds nothing to skip, and groups "
+                                 "without spread no longer count in the loss denominator or the KL/entropy terms")
+    max_resample_factor: float = opt(3.0, "with --dynamic-sampling: at most F x --prompts-per-step prompts are "
+                                     "issued for one step (its B, then one extra per filtered group; re-issues of "
+                                     "stale groups not counted); >= 1, 1 = no extras (filtered groups just leave "
+                                     "the step short)")
     entropy_coef: float = opt(0.0, "entropy bonus coefficient (0 = report entropy only)")
     tis_cap: float = opt(2.0, "stale episodes (k >= 1) use decoupled PPO: ratio to the pre-step learner, times the "
                          "sampler importance weight truncated at this cap (0 = plain ratio to the sampler)")
@@ -143,6 +155,9 @@ class RunConfig:
             bad("kl_coef", f"must be >= 0, got {self.kl_coef}")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             bad("clip_low", f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
+        if self.max_resample_factor < 1:
+            bad("max_resample_factor", f"must be >= 1 (F x --prompts-per-step prompts at most), got "
+                f"{self.max_resample_factor}")
         if not self.clip_ratio_c > 1:
             bad("clip_ratio_c", f"must be > 1 (inf = off), got {self.clip_ratio_c}")
         if self.overlong_buffer < 0 or self.overlong_penalty < 0:
