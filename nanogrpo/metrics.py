@@ -24,6 +24,7 @@ CSV_COLUMNS = [
     "staleness_max", "logprob_gap", "logprob_gap_onpolicy", "zero_var_frac", "skipped_step", "lr", "tokens_per_s",
     "time_step", "time_generate", "time_train", "time_sync", "learner_idle_s", "buffer_produced", "buffer_consumed",
     "buffer_dropped", "buffer_in", "worker_restarts", "wall_time", "buffer_lost", "learner_restarts",
+    "sync_bytes",
 ]
 
 
