@@ -218,7 +218,8 @@ def main():
               + f" unmerged/base gen {res['unmerged_over_base_generate']:.3f})", flush=True)
     path = Path(args.out)
     saved = json.loads(path.read_text()) if path.is_file() else {}  # keeps a --sync result
-    results_meta = {**saved, "load_average_end": os.getloadavg()[0], "threads": torch.get_num_threads(), "runs": results}
+    results_meta = {**saved, "load_average_end": os.getloadavg()[0], "threads": torch.get_num_threads(),
+                    "runs": results}
     path.write_text(json.dumps(results_meta, indent=2) + "\n")
 
 

@@ -6,7 +6,8 @@ a token budget (each prompt runs once for its G completions, see Qwen2.completio
 accumulate gradients (bf16 autocast on CUDA), clip, step the CPU-offloaded AdamW, bump the policy
 version and `ray.put` the packed weights once. It also recomputes the sampled tokens' log-probs
 and reports their gap to the sampler's: with staleness 0 it must be ~0, so a broken weight sync
-shows up as a number instead of silently training on garbage.
+shows up as a number instead of silently training on garbage. With --lora-rank only the adapters
+train, and only they are published and checkpointed (nanogrpo/lora.py).
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ import torch
 
 from actors.startup import start_actor
 from learner.sync import free_port
+from nanogrpo import lora
 from nanogrpo.checkpoint import load_run_state, save_run_checkpoint
 from nanogrpo.dist import DPGroup, GradReducer, ShardedOffloadAdamW, balance_groups
 from nanogrpo.episode import group_tensors
-from nanogrpo import lora
 from nanogrpo.grpo import (LossConfig, group_advantages, grpo_loss, overlong_penalty, reduce_loss_metrics,
                            token_logprobs)
 from nanogrpo.model import Qwen2
@@ -99,13 +100,13 @@ class LearnerCore:
                           model_dir, model_files, self.cfg.dtype, trains=True)
         self.device, self.model_dir = env.device, env.model_dir
         torch.manual_seed(self.cfg.seed)
-        self.lora = self.cfg.lora_config()  # None: full fine-tuning
+        self.lora_cfg = self.cfg.lora_config()  # None: full fine-tuning
         self.model = self._load_model(env, resume_from)
         self.model.gradient_checkpointing = self.cfg.grad_checkpointing
         self.ref = None
         # The frozen reference is the starting policy, never the resumed one. With LoRA that is the
         # base itself, reached through lora.adapters_off (see _reference): no second copy.
-        if self.cfg.kl_coef > 0 and self.lora is None:
+        if self.cfg.kl_coef > 0 and self.lora_cfg is None:
             self.ref = Qwen2.from_pretrained(env.model_dir, dtype=env.dtype, device=self.device).eval()
             self.ref.requires_grad_(False)
         self.opt = CPUOffloadAdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr)
@@ -127,12 +128,12 @@ class LearnerCore:
         run's dtype, fp32 adapters on it (from the checkpoint's PEFT adapter when resuming); only the
         adapters require grad, so the optimizer below holds state for them alone. Not flattened:
         versions ship `lora.pack_adapters`, one cat of the adapters, never the base."""
-        if self.lora is None:
+        if self.lora_cfg is None:
             model = Qwen2.from_pretrained(resume_from or env.model_dir, dtype=env.dtype, device=self.device)
             flatten_parameters(model)
             return model
         model = Qwen2.from_pretrained(env.model_dir, dtype=env.dtype, device=self.device)
-        lora.add_lora(model, self.lora, seed=self.cfg.seed)
+        lora.add_lora(model, self.lora_cfg, seed=self.cfg.seed)
         if resume_from:
             lora.load_adapter(model, resume_from)  # checks rank, alpha and targets against --lora-*
         return model
@@ -140,7 +141,7 @@ class LearnerCore:
     def _reference(self):
         """Context giving the KL reference policy: the separate frozen model, or (LoRA) this model
         with its adapters skipped."""
-        return lora.adapters_off(self.model) if self.lora is not None else contextlib.nullcontext(self.ref)
+        return lora.adapters_off(self.model) if self.lora_cfg is not None else contextlib.nullcontext(self.ref)
 
     # ------------------------------------------------------------------ weights out
     def publish(self) -> list | None:
@@ -157,14 +158,14 @@ class LearnerCore:
         """This version as the workers receive it: the adapters only with LoRA (lora.PackedAdapters,
         adapter bytes), else every weight (weights.PackedWeights aliasing the live CPU buffers: only
         for a consumer that copies at once, such as ray.put)."""
-        if self.lora is not None:
+        if self.lora_cfg is not None:
             return lora.pack_adapters(self.model, self.version)
         return pack(self.model, self.version, copy=False)
 
     def weights_digest(self) -> tuple[int, str]:
         """With LoRA the adapters' digest: a worker's merged weights hold the update, so a digest of all
         weights would differ from the learner's even when both have the same version."""
-        return self.version, lora.adapter_digest(self.model) if self.lora is not None else digest(self.model)
+        return self.version, lora.adapter_digest(self.model) if self.lora_cfg is not None else digest(self.model)
 
     def join_group(self, addr: str, port: int, world_size: int, timeout_s: float):
         if self.group is not None:  # a rebuilt group (a worker died): leave the broken one first
@@ -410,7 +411,7 @@ class LearnerCore:
             return path
         # LoRA: the adapters as a PEFT adapter directory (peft.PeftModel.from_pretrained(base, path)
         # reads it); the base is the run's initial model, which run.json names.
-        adapters = (lambda d: lora.save_adapter(self.model, d, self.model_dir)) if self.lora is not None else None
+        adapters = (lambda d: lora.save_adapter(self.model, d, self.model_dir)) if self.lora_cfg is not None else None
         return str(save_run_checkpoint(path, self.model, self.model_dir, opt_state, state, write_weights=adapters))
 
     def _load_state(self, path: Path):
