@@ -2,7 +2,8 @@
 
 It holds a policy copy and the generation engine. Each `rollout` call names the weights version
 to use (a packed ObjectRef from the learner); the worker loads it only when it is newer than what
-it holds, so weights move once per version, between generation batches. Finished groups go
+it holds, so weights move once per version, between generation batches. With --lora-rank a version is
+the adapters only, merged into the base the worker holds (see policy_model). Finished groups go
 straight to the EpisodeBuffer, one Arrow RecordBatch per call; the driver only sees small stats.
 """
 from __future__ import annotations
@@ -60,12 +61,12 @@ def take_version(model: Qwen2, packed):
     if has_lora != isinstance(packed, lora.PackedAdapters):
         raise RuntimeError(f"weights v{packed.version}: a {'LoRA' if has_lora else 'full'} rollout worker got "
                            f"{type(packed).__name__} (learner and workers disagree on --lora-rank)")
-    if has_lora:
-        lora.apply_adapters(model, packed)
-    else:
+    if not has_lora:
         unpack_into(model, packed, share=True)  # CPU: views of the shared-memory buffers, no copy
-    if any(p.is_cuda for p in model.parameters()):
-        torch.cuda.synchronize()  # apply_adapters copies with non_blocking
+        return
+    lora.apply_adapters(model, packed)
+    if model.lm_head.weight.is_cuda:
+        torch.cuda.synchronize()  # apply_adapters copies with non_blocking: done before generate reads them
 
 
 def buffer_name(base: str, incarnation: int) -> str:

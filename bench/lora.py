@@ -136,7 +136,7 @@ def _sync_peer(shape: dict, r: int | None, dtype):
     return Peer.remote()
 
 
-def sync_versions(shape: dict, r: int, reps: int, dtype=torch.bfloat16) -> dict:
+def sync_versions(name: str, shape: dict, r: int, reps: int, dtype=torch.bfloat16) -> dict:
     """Bytes and best publish + load time per version, full weights vs adapters only (one worker).
     3 untimed versions first (fresh object-store pages), versions 0.5 s apart as in bench/scaling.py."""
     import ray
@@ -144,14 +144,13 @@ def sync_versions(shape: dict, r: int, reps: int, dtype=torch.bfloat16) -> dict:
     learner = empty_model(shape, dtype)
     flatten_parameters(learner)  # as the full learner keeps its weights: pack(copy=False) is free
     adapted = L.add_lora(empty_model(shape, dtype), L.LoraConfig(r=r, alpha=2.0 * r))
-    variants = {"full": (learner, lambda v: pack(learner, v, copy=False)),
-                "lora": (adapted, lambda v: L.pack_adapters(adapted, v))}
-    out = {"shape": "qwen2.5-0.5b", "dtype": str(dtype).removeprefix("torch."), "r": r, "reps": reps}
-    for name, (model, pack_fn) in variants.items():
-        peer = _sync_peer(shape, r if name == "lora" else None, dtype)
+    variants = {"full": lambda v: pack(learner, v, copy=False), "lora": lambda v: L.pack_adapters(adapted, v)}
+    out = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "r": r, "reps": reps}
+    for kind, pack_fn in variants.items():
+        peer = _sync_peer(shape, r if kind == "lora" else None, dtype)
         best, nbytes = float("inf"), 0
         for v in range(-3, reps):
-            if name == "lora":
+            if kind == "lora":
                 with torch.no_grad():
                     for n, p in L.lora_parameters(adapted):
                         if ".lora_B." in n:
@@ -162,10 +161,10 @@ def sync_versions(shape: dict, r: int, reps: int, dtype=torch.bfloat16) -> dict:
             ray.get(peer.load.remote(ref))
             if v >= 0:
                 best = min(best, time.perf_counter() - t0)
-            nbytes = packed.nbytes if name == "lora" else sum(b.nbytes for b in packed.buffers.values())
+            nbytes = packed.nbytes if kind == "lora" else sum(b.nbytes for b in packed.buffers.values())
             del ref, packed
             time.sleep(0.5)
-        out[f"{name}_bytes"], out[f"{name}_s"] = nbytes, best
+        out[f"{kind}_bytes"], out[f"{kind}_s"] = nbytes, best
         ray.kill(peer)
     out["bytes_ratio_full_over_lora"] = out["full_bytes"] / out["lora_bytes"]
     out["time_ratio_full_over_lora"] = out["full_s"] / out["lora_s"]
@@ -174,9 +173,10 @@ def sync_versions(shape: dict, r: int, reps: int, dtype=torch.bfloat16) -> dict:
 
 def main_sync(args):
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": a cluster of its own even when another one runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        res = sync_versions(QWEN05, args.rank, reps=5)
+        res = sync_versions("qwen2.5-0.5b", QWEN05, args.rank, reps=5)
     finally:
         ray.shutdown()
     print(f"weight sync per version, {res['shape']} {res['dtype']}, r={res['r']}, 1 worker: "
