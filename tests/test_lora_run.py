@@ -148,6 +148,29 @@ def test_checkpoint_is_a_peft_adapter_and_resumes(model_dir, tmp_path):
     assert (plain - ref).abs().max() > 1e-3  # the adapters PEFT loaded change the logits
 
 
+def test_lora_checkpoint_write_stays_atomic(model_dir, tmp_path, monkeypatch):
+    """Guards against the adapter files bypassing the checkpoint's temp-dir-then-rename write (a
+    crash mid-save leaving a half-written checkpoint a resume would pick up) or being left out of
+    its manifest (a truncated adapter file not noticed)."""
+    from nanogrpo.checkpoint import check_run_checkpoint, latest_run_checkpoint
+    core, _ = _trained(model_dir, steps=1)
+    ckpts = tmp_path / "run" / "checkpoints"
+    core.save(str(ckpts / "step-000001"), {"step": 1})
+
+    def boom(*a, **k):
+        raise OSError("disk full (injected)")
+    monkeypatch.setattr(torch, "save", boom)  # the optimizer state is written after the adapters
+    with pytest.raises(OSError, match="injected"):
+        core.save(str(ckpts / "step-000002"), {"step": 2})
+    monkeypatch.undo()
+    assert latest_run_checkpoint(tmp_path / "run") == ckpts / "step-000001"
+    assert [p.name for p in ckpts.iterdir()] == ["step-000001"]
+    f = ckpts / "step-000001" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match="adapter_model.safetensors has 100 bytes"):
+        check_run_checkpoint(ckpts / "step-000001")
+
+
 def _run_dir(tmp_path, model_dir, lora_rank: int, with_ckpt: bool = True) -> Path:
     run = tmp_path / f"run-r{lora_rank}"
     run.mkdir()
