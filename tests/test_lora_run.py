@@ -265,9 +265,11 @@ def warm_base(tmp_path_factory) -> Path:
 
 
 def launch(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # RAY_ADDRESS=local: a cluster of the run's own, even where another one runs on the same machine
+    # (ray.init() would join it, and then refuse num_cpus or wait for its resources).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "local"}
     p = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env, text=True,
-                       capture_output=True, timeout=600)
+                       capture_output=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
