@@ -6,7 +6,8 @@ group, episode buffer) -> warm start and the step-0 eval -> the loop (dispatch r
 finished learner step: row, eval, checkpoint) -> the final checkpoint and the summary. Every worker
 call goes through the pool (actors/pool.py), every learner call through the learner group
 (learner/group.py), and weights reach the workers through one sync interface (learner/sync.py).
-`python launch.py plot RUN_DIR` redraws a run's plots.
+`python launch.py plot RUN_DIR` redraws a run's plots; `python launch.py export RUN_DIR --merged OUT`
+writes a --lora-rank run's policy as a plain HF model.
 """
 from __future__ import annotations
 
@@ -813,13 +814,63 @@ def plot_main(args: list[str]) -> int:
     return 0
 
 
+EXPORT_HELP = ("Write the policy of a --lora-rank run as a plain Hugging Face model directory: the run's base "
+               "(run.json's model_dir) with the adapters of its latest complete checkpoint merged in "
+               "(config.json + model.safetensors + tokenizer files), which transformers' "
+               "AutoModelForCausalLM.from_pretrained loads without PEFT. The checkpoint itself is a PEFT adapter "
+               "directory: peft.PeftModel.from_pretrained(base, CHECKPOINT) loads it unmerged.")
+
+
+def export_main(args: list[str]) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="launch.py export", description=EXPORT_HELP)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by a --lora-rank run")
+    p.add_argument("--merged", metavar="OUT", required=True,
+                   help="the directory to write (must not exist or be empty: nothing is overwritten)")
+    ns = p.parse_args(args)
+    try:
+        out = export_merged_run(Path(ns.run_dir), Path(ns.merged))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def export_merged_run(run_dir: Path, out: Path) -> Path:
+    """run_dir's base + the latest checkpoint's adapters, merged, written to `out`. -> out."""
+    from nanogrpo import lora
+    from nanogrpo.checkpoint import latest_run_checkpoint
+    from nanogrpo.model import Qwen2
+    from nanogrpo.runconfig import RunConfig
+    if not (run_dir / "config.json").is_file() or not (run_dir / "run.json").is_file():
+        raise FileNotFoundError(f"export: {run_dir} has no config.json and run.json (is it a nanogrpo run directory?)")
+    if not RunConfig.from_json_file(run_dir / "config.json").lora_rank:
+        raise ValueError(f"export --merged: {run_dir} was trained without --lora-rank, so there are no adapters to "
+                         f"merge: its checkpoints under {run_dir}/checkpoints are full HF model directories already")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"export --merged: {out} exists and is not empty (nothing there is overwritten)")
+    ckpt = latest_run_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"export: no complete checkpoint under {run_dir}/checkpoints")
+    base_dir = json.loads((run_dir / "run.json").read_text())["model_dir"]
+    if not (Path(base_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"export: the run's base model {base_dir} (run.json's model_dir) is not readable")
+    model = lora.load_adapter(Qwen2.from_pretrained(base_dir), ckpt)  # the base in its saved dtype
+    return lora.export_merged(model, out, tokenizer_dir=ckpt)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
     from nanogrpo.runconfig import parse_args
     cfg, given = parse_args(argv, description=__doc__.split("\n\n")[0],
-                            epilog="commands: `python launch.py plot RUN_DIR` redraws a run's curves.png")
+                            epilog="commands: `python launch.py plot RUN_DIR` redraws a run's curves.png; "
+                                   "`python launch.py export RUN_DIR --merged OUT` writes a --lora-rank run's "
+                                   "base with its adapters merged in as a plain HF model (see export --help)")
     # A shell starts background jobs (`nohup python launch.py &`) with SIGINT ignored, and Python
     # keeps it ignored: give `kill -INT` the clean stop of Ctrl-C there too.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -2,7 +2,8 @@
 
 It holds a policy copy and the generation engine. Each `rollout` call names the weights version
 to use (a packed ObjectRef from the learner); the worker loads it only when it is newer than what
-it holds, so weights move once per version, between generation batches. Finished groups go
+it holds, so weights move once per version, between generation batches. With --lora-rank a version is
+the adapters only, merged into the base the worker holds (see policy_model). Finished groups go
 straight to the EpisodeBuffer, one Arrow RecordBatch per call; the driver only sees small stats.
 """
 from __future__ import annotations
@@ -11,8 +12,10 @@ import os
 import time
 
 import ray
+import torch
 
 from actors.startup import start_actor
+from nanogrpo import lora
 from nanogrpo.episode import group_batch
 from nanogrpo.generate import generate
 from nanogrpo.model import Qwen2
@@ -38,6 +41,34 @@ def prompt_ids(tok: Tokenizer, task, example: dict) -> list[int]:
     return tok.encode(text + task.response_prefix)
 
 
+def policy_model(cfg: RunConfig, model_dir: str, dtype, device) -> Qwen2:
+    """A worker's policy, in eval mode. With --lora-rank: the base held once with adapters merged
+    into it (lora.merge_for_rollouts: a merged decode step costs what the base's does; bench/lora.py
+    measured unmerged adapters at 1.11x the base's generate time on the SmolLM2 shape, merged
+    1.00x), so each version is a few MB of adapters, not a model."""
+    model = Qwen2.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    lcfg = cfg.lora_config()
+    if lcfg is not None:
+        lora.merge_for_rollouts(lora.add_lora(model, lcfg))
+    return model
+
+
+def take_version(model: Qwen2, packed):
+    """Load a published version into a worker's policy: adapters into a LoRA worker (re-merged into
+    its weights), every weight into a full one. A LoRA worker never takes whole weights (and a full
+    worker no adapters): that would mean learner and workers were started with different --lora-rank."""
+    has_lora = bool(lora.lora_modules(model))
+    if has_lora != isinstance(packed, lora.PackedAdapters):
+        raise RuntimeError(f"weights v{packed.version}: a {'LoRA' if has_lora else 'full'} rollout worker got "
+                           f"{type(packed).__name__} (learner and workers disagree on --lora-rank)")
+    if not has_lora:
+        unpack_into(model, packed, share=True)  # CPU: views of the shared-memory buffers, no copy
+        return
+    lora.apply_adapters(model, packed)
+    if model.lm_head.weight.is_cuda:
+        torch.cuda.synchronize()  # apply_adapters copies with non_blocking: done before generate reads them
+
+
 def buffer_name(base: str, incarnation: int) -> str:
     return f"{base}#{incarnation}"
 
@@ -59,7 +90,7 @@ class RolloutWorker:
         and a re-created buffer is found by name, see `newest_buffer`)."""
         env = start_actor(cfg.threads_per_worker, model_dir, model_files, cfg.dtype)
         self.worker_id, self.cfg, self.device = worker_id, cfg, env.device
-        self.model = Qwen2.from_pretrained(env.model_dir, dtype=env.dtype, device=self.device).eval()
+        self.model = policy_model(cfg, env.model_dir, env.dtype, self.device)
         self.tok = Tokenizer.from_pretrained(env.model_dir)
         self.task = load_task(cfg.task, cfg.data, seed=cfg.seed, num_test=cfg.num_test, on_bad_row="skip")
         self.buffer_name, self.buffer = buffer_name, None  # looked up at the first put
@@ -80,7 +111,7 @@ class RolloutWorker:
         packed = ray.get(weights[0])  # weights is [ObjectRef] so Ray does not resolve it for every call
         if packed.version != version:
             raise RuntimeError(f"worker {self.worker_id}: asked for weights v{version}, object holds v{packed.version}")
-        unpack_into(self.model, packed, share=True)  # CPU: views of the shared-memory buffers, no copy
+        take_version(self.model, packed)
         self.version = version
         return time.perf_counter() - t0
 
@@ -149,7 +180,8 @@ class RolloutWorker:
                                                for t, ex in zip(texts, examples)]}
 
     def weights_digest(self) -> tuple[int, str]:
-        return self.version, digest(self.model)
+        """The learner's weights_digest of the version held (with LoRA: of the adapters)."""
+        return self.version, lora.adapter_digest(self.model) if lora.lora_modules(self.model) else digest(self.model)
 
     # --- torch.distributed transport (see nanogrpo/weights.py)
     def join_group(self, addr: str, port: int, rank: int, world_size: int, timeout_s: float) -> dict:

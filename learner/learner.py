@@ -6,10 +6,12 @@ a token budget (each prompt runs once for its G completions, see Qwen2.completio
 accumulate gradients (bf16 autocast on CUDA), clip, step the CPU-offloaded AdamW, bump the policy
 version and `ray.put` the packed weights once. It also recomputes the sampled tokens' log-probs
 and reports their gap to the sampler's: with staleness 0 it must be ~0, so a broken weight sync
-shows up as a number instead of silently training on garbage.
+shows up as a number instead of silently training on garbage. With --lora-rank only the adapters
+train, and only they are published and checkpointed (nanogrpo/lora.py).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -23,6 +25,7 @@ import torch
 
 from actors.startup import start_actor
 from learner.sync import free_port
+from nanogrpo import lora
 from nanogrpo.checkpoint import load_run_state, save_run_checkpoint
 from nanogrpo.dist import DPGroup, GradReducer, ShardedOffloadAdamW, balance_groups
 from nanogrpo.episode import group_tensors
@@ -97,17 +100,18 @@ class LearnerCore:
         env = start_actor(threads, model_dir, model_files, self.cfg.dtype, trains=True)
         self.device, self.model_dir = env.device, env.model_dir
         torch.manual_seed(self.cfg.seed)
-        # Working weights in the run's dtype (bf16 on a GPU by default); the fp32 masters live in the
-        # CPU-offloaded optimizer either way, so bf16 working weights still take full-precision steps.
-        self.model = Qwen2.from_pretrained(resume_from or env.model_dir, dtype=env.dtype, device=self.device)
+        self.lora_cfg = self.cfg.lora_config()  # None: full fine-tuning
+        self.model = self._load_model(env, resume_from)
         self.model.gradient_checkpointing = self.cfg.grad_checkpointing
-        flatten_parameters(self.model)  # one buffer per dtype: publishing a version needs no packing copy
         self.ref = None
-        if self.cfg.kl_coef > 0:  # the frozen reference is the starting policy, never the resumed one
+        # The frozen reference is the starting policy, never the resumed one. With LoRA that is the
+        # base itself, reached through lora.adapters_off (see _reference): no second copy.
+        if self.cfg.kl_coef > 0 and self.lora_cfg is None:
             self.ref = Qwen2.from_pretrained(env.model_dir, dtype=env.dtype, device=self.device).eval()
             self.ref.requires_grad_(False)
         self.opt = CPUOffloadAdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr)
         self.version = 0
+        self.sync_bytes = 0  # bytes of the last version published (what every worker receives)
         self.skipped_in_a_row = 0
         self.last_end = None
         self.group: CollectiveGroup | None = None
@@ -116,16 +120,52 @@ class LearnerCore:
         if resume_from:
             self._load_state(Path(resume_from))
 
+    def _load_model(self, env, resume_from: str | None) -> Qwen2:
+        """The policy. Full fine-tuning: the checkpoint's (or the initial) weights in the run's dtype
+        (bf16 on a GPU by default; the fp32 masters live in the CPU-offloaded optimizer either way, so
+        bf16 working weights still take full-precision steps), flattened into one buffer per dtype so
+        publishing a version needs no packing copy. LoRA: the initial model as the frozen base in the
+        run's dtype, fp32 adapters on it (from the checkpoint's PEFT adapter when resuming); only the
+        adapters require grad, so the optimizer below holds state for them alone. Not flattened:
+        versions ship `lora.pack_adapters`, one cat of the adapters, never the base."""
+        if self.lora_cfg is None:
+            model = Qwen2.from_pretrained(resume_from or env.model_dir, dtype=env.dtype, device=self.device)
+            flatten_parameters(model)
+            return model
+        model = Qwen2.from_pretrained(env.model_dir, dtype=env.dtype, device=self.device)
+        lora.add_lora(model, self.lora_cfg, seed=self.cfg.seed)
+        if resume_from:
+            lora.load_adapter(model, resume_from)  # checks rank, alpha and targets against --lora-*
+        return model
+
+    def _reference(self):
+        """Context giving the KL reference policy: the separate frozen model, or (LoRA) this model
+        with its adapters skipped."""
+        return lora.adapters_off(self.model) if self.lora_cfg is not None else contextlib.nullcontext(self.ref)
+
     # ------------------------------------------------------------------ weights out
     def publish(self) -> list | None:
         """Pack the current weights once into the object store. -> [ObjectRef] (wrapped in a list
         so Ray hands the reference on instead of resolving it at every call); None outside Ray."""
         if self.rank != 0 or not ray.is_initialized():  # rank 0 publishes for all ranks
             return None
-        return [ray.put(pack(self.model, self.version, copy=False))]
+        packed = self.packed()
+        self.sync_bytes = packed.nbytes if isinstance(packed, lora.PackedAdapters) else \
+            sum(b.nbytes for b in packed.buffers.values())
+        return [ray.put(packed)]
+
+    def packed(self):
+        """This version as the workers receive it: the adapters only with LoRA (lora.PackedAdapters,
+        adapter bytes), else every weight (weights.PackedWeights aliasing the live CPU buffers: only
+        for a consumer that copies at once, such as ray.put)."""
+        if self.lora_cfg is not None:
+            return lora.pack_adapters(self.model, self.version)
+        return pack(self.model, self.version, copy=False)
 
     def weights_digest(self) -> tuple[int, str]:
-        return self.version, digest(self.model)
+        """With LoRA the adapters' digest: a worker's merged weights hold the update, so a digest of all
+        weights would differ from the learner's even when both have the same version."""
+        return self.version, lora.adapter_digest(self.model) if self.lora_cfg is not None else digest(self.model)
 
     def join_group(self, addr: str, port: int, world_size: int, timeout_s: float):
         if self.group is not None:  # a rebuilt group (a worker died): leave the broken one first
@@ -223,6 +263,7 @@ class LearnerCore:
                    "grad_norm": grad_norm, "lr": lr, "skipped_step": float(not ok),
                    "skipped_in_a_row": self.skipped_in_a_row, "learner_idle_s": idle}
         weights = self.publish()
+        metrics["sync_bytes"] = self.sync_bytes
         self.last_end = time.perf_counter()
         metrics["train_seconds"] = self.last_end - t_start
         return metrics, weights
@@ -315,9 +356,9 @@ class LearnerCore:
         if self.cfg.entropy_coef == 0:
             ent = ent.detach()
         ref_logp = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logp = self._logprobs(self.ref, inputs)
+        if self.cfg.kl_coef > 0:
+            with torch.no_grad(), self._reference() as ref:
+                ref_logp = self._logprobs(ref, inputs)
         stale = (b["versions"][idx] < self.version).to(dev)  # (b,)
         old, prox = self._pi_old(logp.detach(), sampler, stale)
         loss, m = grpo_loss(logp, old, b["adv"][idx].to(dev), mask, self.loss_cfg, ref_logprobs=ref_logp,
@@ -390,7 +431,10 @@ class LearnerCore:
         opt_state = self.opt.state_dict()  # with several ranks: a collective, gathered on rank 0
         if self.rank != 0:
             return path
-        return str(save_run_checkpoint(path, self.model, self.model_dir, opt_state, state))
+        # LoRA: the adapters as a PEFT adapter directory (peft.PeftModel.from_pretrained(base, path)
+        # reads it); the base is the run's initial model, which run.json names.
+        adapters = (lambda d: lora.save_adapter(self.model, d, self.model_dir)) if self.lora_cfg is not None else None
+        return str(save_run_checkpoint(path, self.model, self.model_dir, opt_state, state, write_weights=adapters))
 
     def _load_state(self, path: Path):
         state, opt_state = load_run_state(path)

@@ -165,8 +165,10 @@ MANIFEST = "MANIFEST.json"
 
 
 def save_run_checkpoint(path: str | Path, model, tokenizer_dir: str | Path, optimizer_state: dict,
-                        state: dict) -> Path:
+                        state: dict, write_weights=None) -> Path:
     """Model (HF layout, loadable by transformers), tokenizer, optimizer and run state, atomically.
+    write_weights(dir): writes the weights instead of `model.save_pretrained` (a LoRA run: its
+    adapters only, as a PEFT adapter directory; the base is the run's initial model).
 
     Everything is written into a temp dir beside `path`; the manifest (file sizes) is written last
     and the dir is renamed into place, so a crash at any point leaves either the previous
@@ -177,7 +179,8 @@ def save_run_checkpoint(path: str | Path, model, tokenizer_dir: str | Path, opti
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        tmp.mkdir()
+        (write_weights or model.save_pretrained)(tmp)
         for f in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / f).is_file():
                 shutil.copy2(Path(tokenizer_dir) / f, tmp / f)

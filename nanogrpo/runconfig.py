@@ -91,6 +91,17 @@ class RunConfig:
                          "'solution' (the built-in arithmetic task's warm start teaches the answer format only; "
                          "-1 = auto: 300 for the built-in tiny run, else 0)")
     sft_lr: float = opt(2e-3, "learning rate of the supervised warm start")
+    # --- LoRA (nanogrpo/lora.py)
+    lora_rank: int = opt(0, "LoRA rank r: train only rank-r adapters on --lora-targets with the base frozen (its "
+                         "optimizer state is the adapters' only, a --kl-coef reference is the base with adapters "
+                         "off, weight sync ships the adapters only, checkpoints hold them as a PEFT adapter; "
+                         "`python launch.py export RUN_DIR --merged OUT` writes a merged model) (0 = off: full "
+                         "fine-tuning; default: 0)")
+    lora_alpha: float = opt(16.0, "LoRA scale: an adapter's update is alpha / r x B A (with --lora-rank)")
+    lora_dropout: float = opt(0.0, "dropout on the adapters' input while training, in [0, 1) (with --lora-rank)")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "comma-separated projections of every layer that get adapters (with --lora-rank; "
+                            "default: all attention and MLP projections)")
     # --- system
     num_rollout_workers: int = opt(2, "Ray rollout actors")
     gpus_per_worker: float = opt(0.0, "GPUs per rollout worker (fractions allowed; 0 on a CPU-only cluster)")
@@ -166,6 +177,15 @@ class RunConfig:
         if self.max_new_tokens and self.overlong_buffer > self.max_new_tokens:
             bad("overlong_buffer", f"{self.overlong_buffer} is longer than --max-new-tokens {self.max_new_tokens}")
         check_report_to(self.report_to)
+        if self.lora_rank < 0:
+            bad("lora_rank", f"must be >= 0 (0 = off), got {self.lora_rank}")
+        from nanogrpo.lora import LoraConfig
+        # Checked with or without --lora-rank, so a typo is not found only when LoRA is switched on;
+        # LoraConfig's errors name --lora-alpha, --lora-dropout and --lora-targets.
+        LoraConfig(r=self.lora_rank or 1, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
+        if self.lora_rank and self.weight_sync == "collective":
+            bad("weight_sync", "collective broadcasts whole models; with --lora-rank use object-store, which ships "
+                "the adapters only")
         if self.gpus_per_worker < 0:
             bad("gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         if self.sync_timeout <= 0:
@@ -193,6 +213,14 @@ class RunConfig:
                       rollout_batch=self.rollout_batch or -(-self.prompts_per_step // self.num_rollout_workers))
         out.validate(cluster_gpus=cluster_gpus)
         return out
+
+    def lora_config(self):
+        """The LoraConfig of --lora-* (validated), or None without --lora-rank."""
+        if not self.lora_rank:
+            return None
+        from nanogrpo.lora import LoraConfig  # torch: only for a run that asks for LoRA
+        return LoraConfig(r=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=self.lora_targets)
 
     def with_overrides(self, **changes) -> "RunConfig":
         return replace(self, **changes)
