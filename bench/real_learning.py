@@ -1,13 +1,13 @@
 """A task on which a real 135M chat model visibly learns on 2 CPU cores: small sums, boxed answers.
 
-SmolLM2-135M-Instruct cannot do GSM8K (measured here: 6 % of samples right at temperature 1, 0 %
-greedy, 86 % of them still talking at 128 tokens), and it gets even two-digit sums wrong
-("76 + 15 = 22"), so neither gives GRPO a signal within minutes. What it can learn from a reward in
-that time is to answer a question it can often compute, in the format asked for: "What is 7 + 12?
-Put your final answer within \\boxed{}." It almost never boxes its answer unprompted by examples
-(greedy: never), so held-out success starts near 0 and rises as it learns the format; the reward
-also pays only a boxed answer, so this is format learning plus the sums it already gets right,
-not arithmetic learning.
+SmolLM2-135M-Instruct cannot do GSM8K (measured here on 8 questions x 8 samples: 6 % of samples
+right at temperature 1, 0 % greedy, 86 % of samples still talking at 128 tokens), and it gets even
+two-digit sums wrong ("76 + 15 = 22"), so neither gives GRPO a signal within minutes. What it can
+learn from a reward in that time is to answer a question it can often compute, in the format asked
+for: "What is 7 + 12? Put your final answer within \\boxed{}." It never boxes a greedy answer at
+first, so held-out success starts at 0. In README's run the format was learned in ~15 steps and
+success kept rising for 50 more, as the model got the sums right more often in the one short form
+it settled on. How much of that it could already compute unboxed at the start was not measured.
 
 Used as a user task (`--task bench.real_learning:make_task`, see nanogrpo/tasks/__init__.py) by
 README's real-model learning run and `tests/test_real_learning.py`. Reward: 0.1 for a boxed number
