@@ -174,8 +174,10 @@ def connect_ray(cfg):
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"--address: cannot connect to a Ray cluster at {cfg.address!r}: {e}") from None
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.num_learners + cfg.num_rollout_workers), include_dashboard=False,
-                 log_to_driver=False)
+        # address="local": a new cluster of our own even when this machine runs another one (a
+        # `ray start`, another run's test cluster), which a bare ray.init() would try to join.
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, cfg.num_learners + cfg.num_rollout_workers),
+                 include_dashboard=False, log_to_driver=False)
 
 
 @dataclass

@@ -249,7 +249,7 @@ def main(argv=None):
     # Weight sync.
     sync_shapes = args.sync_shapes if args.sync_shapes is not None else (["tiny"] if shape is TINY else ["0.5b", "1.5b"])
     syncs = {}
-    ray.init(include_dashboard=False, log_to_driver=False, **({} if on_gpu else {"num_cpus": 4}))
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, **({} if on_gpu else {"num_cpus": 4}))
     try:
         for s in sync_shapes:
             syncs[s] = bench_sync({"tiny": TINY, "0.5b": QWEN05, "1.5b": QWEN15}[s], device, 2 if args.quick else 4)

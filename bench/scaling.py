@@ -208,7 +208,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         model_dir = str(write_tiny_model_dir(Path(d) / "tiny"))
         Qwen2.from_config(TINY_MODEL_CONFIG, seed=0).save_pretrained(model_dir)
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
         try:
             roll = rollout_scaling(model_dir, 10 if args.quick else 16, 1.5 if args.quick else 2.5)
             sync = weight_sync(QWEN05, 2 if args.quick else 4)

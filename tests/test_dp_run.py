@@ -82,7 +82,7 @@ def test_a_killed_learner_rank_is_rebuilt_from_the_checkpoint(tmp_path):
     run, or being restarted alone outside the group: every rank is rebuilt from the last
     checkpoint, the steps after it are redone, and the run finishes with its rows in order."""
     cfg = cfg_for(tmp_path, "kill", steps=10, save_every=3, num_learners=2, sft_steps=0, sync_timeout=20.0)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # in the main thread
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # in the main thread
     result = {}
     t = threading.Thread(target=lambda: result.update(run_dir=launch.run(cfg, set())), daemon=True)
     t.start()
@@ -103,7 +103,7 @@ def test_a_killed_learner_rank_is_rebuilt_from_the_checkpoint(tmp_path):
 def test_more_learner_ranks_than_cpus_rejected_at_once(tmp_path):
     """Guards against a run that asks for more bundles than the cluster has waiting --sync-timeout
     for a placement that can never succeed, and then naming neither flag."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.raises(ValueError, match="--num-rollout-workers: 3 learner rank"):
             launch.run(cfg_for(tmp_path, "big", num_learners=3, sync_timeout=600.0), set())

@@ -19,7 +19,7 @@ TINY = {"model_type": "qwen2", "vocab_size": 32, "hidden_size": 32, "intermediat
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
