@@ -182,7 +182,7 @@ def connect_ray(cfg):
 
 @dataclass
 class Actors:
-    placement: object     # Placement
+    placement: object     # actors.placement.Placement
     buffer: object
     learner: object       # LearnerGroup
     pool: object          # RolloutPool
@@ -190,61 +190,10 @@ class Actors:
     info: list            # learner rank 0's node info (every rank's under "ranks"), then each worker's
 
 
-@dataclass
-class Placement:
-    """Two placement groups: the learner ranks' bundles, on one node, and one bundle per rollout worker."""
-    learners: object
-    workers: object
-
-    def learner(self, i: int):
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-        return PlacementGroupSchedulingStrategy(self.learners, placement_group_bundle_index=i)
-
-    def worker(self, i: int):
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-        return PlacementGroupSchedulingStrategy(self.workers, placement_group_bundle_index=i)
-
-    def nodes(self) -> tuple[list[str], list[str]]:
-        """-> (node of each learner rank, node of each worker)."""
-        import ray
-        table = ray.util.placement_group_table
-        return ([table(self.learners)["bundles_to_node_id"][i] for i in range(len(self.learners.bundle_specs))],
-                [table(self.workers)["bundles_to_node_id"][i] for i in range(len(self.workers.bundle_specs))])
-
-
-def place(cfg) -> Placement:
-    """The learner ranks first, all on one node (STRICT_PACK: their collectives stay inside it; on a
-    node with GPUs they take GPUs 0..N-1, being placed first), then the rollout workers: packed on
-    the rest of a single node, spread over the nodes of a cluster."""
-    import ray
-
-    def bundle(gpus):
-        return {"CPU": 1, **({"GPU": gpus} if gpus else {})}
-    spread = len([n for n in ray.nodes() if n["Alive"]]) > 1
-    cpus, need = ray.cluster_resources().get("CPU", 0), cfg.num_learners + cfg.num_rollout_workers
-    if need > cpus:  # one CPU per learner rank and per worker: say so now instead of after --sync-timeout
-        raise ValueError(f"--num-rollout-workers: {cfg.num_learners} learner rank(s) + {cfg.num_rollout_workers} "
-                         f"workers need {need} CPUs (one each); the cluster has {cpus:g}")
-    learners = wait_placed([bundle(cfg.learner_gpus)] * cfg.num_learners, "STRICT_PACK", cfg)
-    workers = wait_placed([bundle(cfg.gpus_per_worker)] * cfg.num_rollout_workers, "SPREAD" if spread else "PACK", cfg)
-    return Placement(learners, workers)
-
-
-def wait_placed(bundles: list[dict], strategy: str, cfg):
-    import ray
-    from ray.util.placement_group import placement_group
-    pg = placement_group(bundles, strategy=strategy)
-    if not pg.wait(timeout_seconds=cfg.sync_timeout):
-        what = (f"{cfg.num_learners} learner rank(s) on one node" if strategy == "STRICT_PACK" else
-                f"{cfg.num_rollout_workers} rollout workers")
-        raise TimeoutError(f"placement of {what}, {bundles} ({strategy}), did not succeed within "
-                           f"{cfg.sync_timeout:.0f}s; the cluster has {ray.cluster_resources()}")
-    return pg
-
-
 def start_actors(cfg, run_dir: Path, model_dir: str, counters: dict, resume_from: str | None) -> Actors:
     import ray
 
+    from actors.placement import place
     from actors.pool import RolloutPool
     from actors.rollout import RolloutWorker
     from learner.group import LearnerGroup
