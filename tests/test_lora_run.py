@@ -275,12 +275,13 @@ def launch(*args):
 
 
 @pytest.mark.slow
-def test_lora_run_learns_ships_adapter_bytes_and_resumes(warm_base, tmp_path):
+def test_lora_run_learns_and_ships_adapter_bytes(warm_base, tmp_path):
     """The real entry point with --lora-rank 8 on a warm-started tiny base. Guards against a LoRA run
     that does not learn (reward must rise), versions that ship more than the adapters (sync_bytes of
     every step = the adapters' fp32 bytes), workers that sample from another policy than the learner
-    trains (on-policy log-prob gap ~0 at k = 0), checkpoints that hold the whole model, and a resume
-    that fails or restarts the run."""
+    trains (on-policy log-prob gap ~0 at k = 0) and checkpoints that hold the whole model. (Resuming
+    from a LoRA checkpoint: test_checkpoint_is_a_peft_adapter_and_resumes; the driver's resume path
+    does not depend on LoRA and is tests/test_resume.py's.)"""
     run = tmp_path / "run"
     common = ["--model", str(warm_base), "--lora-rank", "8", "--prompts-per-step", "16", "--max-staleness", "0",
               "--seed", "1", "--dtype", "fp32", "--quiet", "true"]
@@ -305,12 +306,3 @@ def test_lora_run_learns_ships_adapter_bytes_and_resumes(warm_base, tmp_path):
     ckpt = run / "checkpoints" / "step-000040"
     assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
     assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 8
-
-    launch("--resume", str(run), "--steps", "43", "--eval-every", "0")
-    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r["reward_mean"]]
-    assert [int(r["step"]) for r in rows] == list(range(1, 44))
-    state = json.loads((run / "checkpoints" / "step-000043" / "state.json").read_text())
-    assert state["step"] == state["version"] == 43
-    assert max(float(r["logprob_gap"]) for r in rows[40:] if r["logprob_gap"]) < 1e-3
-    # A resume that restarted the adapters (B = 0) would fall back to the base's held-out success.
-    assert json.loads((run / "summary.json").read_text())["eval_last"] > summary["eval_first"] + 0.15
