@@ -93,9 +93,10 @@ def test_learner_ranks_packed_on_one_node_first_gpus(cluster, tmp_path):
     2-rank run on a cluster not finishing: the ranks hold GPUs 0 and 1 of node a (the only node with
     two), the workers are elsewhere, and the run completes."""
     cfg = tiny_cfg(tmp_path, steps=3, num_learners=2, address=cluster.address)
+    ray.init(address=cluster.address, log_to_driver=False)  # the run uses this connection (and ends it)
+    node_a = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("node_a"))
     run_dir = launch.run(cfg, {"address"})
     placed = json.loads((run_dir / "placement.json").read_text())
-    node_a = cluster.list_all_nodes()[1].node_id  # added first: the one with 2 GPUs
     learner_nodes = {r["node"] for r in placed["learner"]}
     assert len(learner_nodes) == 1
     assert sorted(g for r in placed["learner"] for g in r["gpu_ids"]) == [0, 1]

@@ -48,12 +48,13 @@ def data_order(run: Path) -> set[tuple[int, int, int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("k", [0, 1])
-def test_resume_mid_epoch_continues_the_uninterrupted_run(tmp_path, k):
+def test_resume_mid_epoch_continues_the_uninterrupted_run(tmp_path):
     """Guards against a resume that restarts at the start of the current epoch (or skips/repeats
-    data), a buffer ticket that does not match the resumed step when steps are queued (k >= 1:
-    the queued take is never served and the run stalls), a resumed learner version or step count
-    off by one, and (k = 0) any divergence from the uninterrupted run."""
+    data), a buffer ticket that does not match the resumed step when steps are queued (k = 1:
+    the queued take is never served and the run stalls), and a resumed learner version or step
+    count off by one. (With k = 0 a resume also reproduces the uninterrupted run's metrics:
+    test_faults.py::test_driver_sigkill_then_resume_reproduces.)"""
+    k = 1
     common = ["--task", "small_task:make", "--prompts-per-step", "6", "--group-size", "4", "--sft-steps", "10",
               "--max-staleness", str(k), "--save-every", "0", "--eval-every", "0", "--seed", "5", "--quiet", "true",
               "--sync-timeout", "60"]
@@ -71,7 +72,3 @@ def test_resume_mid_epoch_continues_the_uninterrupted_run(tmp_path, k):
     assert {s for _, s, _ in data_order(cut)} == set(range(6))
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["produced"] == summary["consumed"] + summary["dropped"] + summary["in_buffer"]
-    if k == 0:
-        for s in range(4, 7):
-            for col in ("reward_mean", "loss", "grad_norm", "response_len", "entropy"):
-                assert float(a[s][col]) == pytest.approx(float(b[s][col]), rel=1e-4, abs=1e-6), (s, col)
