@@ -245,6 +245,7 @@ def run(cfg, given: set[str]) -> Path:
         try:
             d.warm_start()
             d.first_eval()
+            d.pool.take_window()  # step 1's clock starts here, not at start-up (warm start, step-0 eval)
             while d.step < d.cfg.steps:
                 with d.recovering():  # a dead learner or buffer is rebuilt and the loop goes on
                     d.dispatch()
@@ -458,7 +459,8 @@ class Driver:
             t0 = time.perf_counter()
             ev = self.evaluate()
             self.eval_hist.append((self.step, ev))
-            self.pending_row.update(eval_success=ev, time_step=self.pending_row["time_step"] + time.perf_counter() - t0)
+            dt = time.perf_counter() - t0  # in the step's time (the user waited for it) and on its own
+            self.pending_row.update(eval_success=ev, time_step=self.pending_row["time_step"] + dt, time_eval=dt)
         row = self.write_pending()
         self.after_row(row, metrics)
         self.last_progress = time.perf_counter()  # the eval and checkpoint above were progress too

@@ -121,7 +121,8 @@ def run_ours(args, s: dict) -> dict:
         raise RuntimeError(f"launch.py failed ({out.returncode}): {out.stderr[-2000:]}")
     with (run_dir / "metrics.csv").open() as f:
         steps = [r for r in csv.DictReader(f) if r.get("reward_mean")]
-    step_s = [float(r["time_step"]) for r in steps]
+    # The held-out eval at the last step is ours alone (TRL's run has none): not a GRPO step's work.
+    step_s = [float(r["time_step"]) - float(r.get("time_eval") or 0) for r in steps]
     gen_s = sum(float(r["time_generate"]) for r in steps if r["time_generate"])
     tokens = sum(float(r["response_len"]) * s["group_size"] * s["prompts_per_step"] for r in steps)
     first = steps[0]

@@ -25,7 +25,7 @@ CSV_COLUMNS = [
     "time_step", "time_generate", "time_train", "time_sync", "learner_idle_s", "buffer_produced", "buffer_consumed",
     "buffer_dropped", "buffer_in", "worker_restarts", "wall_time", "buffer_lost", "learner_restarts",
     "groups", "shortfall", "prompts_issued", "filtered_frac", "buffer_filtered",
-    "sync_bytes",
+    "sync_bytes", "time_eval",
 ]
 
 
