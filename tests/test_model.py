@@ -280,3 +280,32 @@ def test_bf16_cached_decode_matches_full_forward(tmp_path):
             for i, n in enumerate(lens):
                 full = ours(seqs[i][None, : int(n) + t + 1])[0, -1].float()
                 torch.testing.assert_close(got[i], full, atol=3e-2, rtol=3e-2)
+
+
+def test_bf16_inference_linear_follows_weight_updates():
+    """Guards against the bf16 inference path's reordered weight copy going stale: after an in-place
+    update (a weight sync's copy_), a load_state_dict or a swapped-in parameter, a no-grad forward
+    must give F.linear's output on the current weight, and a grad-enabled one must too."""
+    import torch.nn.functional as F
+
+    from nanogrpo.model import Linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(5, 64, generator=g).to(torch.bfloat16)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=0, rtol=0)
+        with torch.inference_mode():
+            torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), atol=0, rtol=0)
+
+    check()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 64, generator=g))
+    check()
+    lin.load_state_dict({"weight": torch.randn(96, 64, generator=g), "bias": torch.randn(96, generator=g)})
+    check()
+    lin.weight = torch.nn.Parameter(torch.randn(96, 64, generator=g).to(torch.bfloat16))
+    check()
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))  # training path
