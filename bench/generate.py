@@ -342,8 +342,8 @@ def main():
     ap.add_argument("--model", default=os.environ.get("NANOGRPO_BENCH_MODEL"),
                     help="a real HF checkpoint directory for the 8x8 chat workload (default: $NANOGRPO_BENCH_MODEL; "
                     "none: skipped), e.g. one built by ../shared/tools/make_smollm2.py")
-    ap.add_argument("--reps", type=int, default=0, help="timed runs per engine on the tiny model, best kept "
-                    "(default 5; 3 with --quick)")
+    ap.add_argument("--reps", type=int, default=0, help="timed runs per engine, alternating, best kept "
+                    "(default: 5 on the tiny model, 2 on the real one; --quick: 3 and 1)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("results_generate.json")))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -394,7 +394,9 @@ def main():
     if args.only in (None, "real") and args.model:
         # The RL workload of a real run: 8 prompts x 8 samples at temperature 1, the model's own
         # lengths. 256 new tokens take transformers minutes in fp32 on 2 cores: 64 with --quick.
-        real = bench_real(args.model, 8, 8, 64 if args.quick else 256, used, reps=1)
+        # Two alternating runs each: the first run after loading is often the slower one here.
+        real = bench_real(args.model, 8, 8, 64 if args.quick else 256, used,
+                          reps=args.reps or (1 if args.quick else 2))
         for r in real:
             r["auto_dtype"] = r["dtype"] == str(auto).removeprefix("torch.")
         rows += real
