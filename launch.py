@@ -17,18 +17,14 @@ import functools
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-RESUMABLE_OVERRIDES = {"steps", "eval_every", "save_every", "keep_last", "quiet", "address", "sync_timeout",
-                       "num_rollout_workers", "threads_per_worker", "learner_threads", "resume",
-                       "max_learner_restarts", "num_learners"}
 REISSUE_OFFSET = 10**12  # added to a group id that is generated again, so ids stay unique
 EXTRA_STREAM_SEED = 10**6  # --dynamic-sampling's extra prompts walk their own shuffled order (seed + this)
 PROGRESS_EVERY_S = 30.0  # a step (or an eval) longer than this prints where it is
@@ -58,6 +54,7 @@ def make_plan(cfg, given: set[str]) -> Plan:
     """Everything that can be wrong with the inputs fails here, before Ray starts or a file is written."""
     from actors.rollout import prompt_ids
     from nanogrpo.checkpoint import latest_run_checkpoint
+    from nanogrpo.runconfig import resume_config
     from nanogrpo.tasks import load_task
     from nanogrpo.tokenizer import Tokenizer
 
@@ -87,35 +84,6 @@ def make_plan(cfg, given: set[str]) -> Plan:
             f"tiny model's answers need (minutes per step); using --max-new-tokens {TINY_BUDGET}")
         cfg = cfg.with_overrides(max_new_tokens=TINY_BUDGET)
     return Plan(cfg.with_overrides(out=str(run_dir)), run_dir, task, model_dir, ckpt, state)
-
-
-def resume_config(cfg, given: set[str]):
-    """--resume: the run's saved config with only the flags that do not change the run applied."""
-    from nanogrpo.runconfig import RunConfig
-    run_dir = Path(cfg.resume)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--resume: {run_dir}/config.json not found (is it a nanogrpo run directory?)")
-    saved = RunConfig.from_json_file(run_dir / "config.json")
-    bad = sorted(k for k in given - RESUMABLE_OVERRIDES if getattr(cfg, k) != getattr(saved, k))
-    if bad:
-        raise ValueError(f"--resume: flags {[flag(b) for b in bad]} would change the run; "
-                         f"only {sorted(flag(o) for o in RESUMABLE_OVERRIDES)} may be given")
-    return saved.with_overrides(**{**{k: getattr(cfg, k) for k in given}, "resume": str(run_dir), "out": str(run_dir)})
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def cli_names(msg: str) -> str:
-    """An error text from the library names Python parameters (`num_test`, `on_bad_row='skip'`):
-    say the flags the user types instead."""
-    from nanogrpo.runconfig import RunConfig
-    for name in [f.name for f in fields(RunConfig) if "_" in f.name] + ["data"]:
-        msg = re.sub(rf"(?<![-\w]){name}='?([\w./-]+)'?", rf"{flag(name)} \1", msg)
-        if "_" in name:  # a bare one-word name ("data") is too often plain English
-            msg = re.sub(rf"(?<![-\w]){name}\b", flag(name), msg)
-    return msg
 
 
 def create_run_dir(plan: Plan) -> str:
@@ -819,7 +787,7 @@ def main(argv=None) -> int:
         return plot_main(argv[1:])
     if argv[:1] == ["export"]:
         return export_main(argv[1:])
-    from nanogrpo.runconfig import parse_args
+    from nanogrpo.runconfig import cli_names, parse_args
     cfg, given = parse_args(argv, description=__doc__.split("\n\n")[0],
                             epilog="commands: `python launch.py plot RUN_DIR` redraws a run's curves.png; "
                                    "`python launch.py export RUN_DIR --merged OUT` writes a --lora-rank run's "

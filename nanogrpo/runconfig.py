@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -276,3 +277,36 @@ def parse_args(argv=None, description: str = "", epilog: str | None = None) -> t
         a.default, a.type = argparse.SUPPRESS, None
     given = set(vars(probe.parse_args(argv)))
     return RunConfig(**vars(ns)), given
+
+
+# --------------------------------------------------------------------------- resume and error texts
+RESUMABLE_OVERRIDES = {"steps", "eval_every", "save_every", "keep_last", "quiet", "address", "sync_timeout",
+                       "num_rollout_workers", "threads_per_worker", "learner_threads", "resume",
+                       "max_learner_restarts", "num_learners"}
+
+
+def resume_config(cfg, given: set[str]):
+    """--resume: the run's saved config with only the flags that do not change the run applied."""
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--resume: {run_dir}/config.json not found (is it a nanogrpo run directory?)")
+    saved = RunConfig.from_json_file(run_dir / "config.json")
+    bad = sorted(k for k in given - RESUMABLE_OVERRIDES if getattr(cfg, k) != getattr(saved, k))
+    if bad:
+        raise ValueError(f"--resume: flags {[flag(b) for b in bad]} would change the run; "
+                         f"only {sorted(flag(o) for o in RESUMABLE_OVERRIDES)} may be given")
+    return saved.with_overrides(**{**{k: getattr(cfg, k) for k in given}, "resume": str(run_dir), "out": str(run_dir)})
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def cli_names(msg: str) -> str:
+    """An error text from the library names Python parameters (`num_test`, `on_bad_row='skip'`):
+    say the flags the user types instead."""
+    for name in [f.name for f in fields(RunConfig) if "_" in f.name] + ["data"]:
+        msg = re.sub(rf"(?<![-\w]){name}='?([\w./-]+)'?", rf"{flag(name)} \1", msg)
+        if "_" in name:  # a bare one-word name ("data") is too often plain English
+            msg = re.sub(rf"(?<![-\w]){name}\b", flag(name), msg)
+    return msg
