@@ -468,7 +468,7 @@ def main():
         if name == "gpu" and not mach["cuda"]:
             continue  # the CPU suite; bench.gpu needs a CUDA device
         if name == "trl" and not (args.model and importlib.util.find_spec("trl")):
-            print("\n== trl: skipped (needs --model DIR and `pip install trl`)", flush=True)
+            print("\n== trl: skipped (needs --model DIR and trl: pip install -e '.[bench]')", flush=True)
             continue
         if name in parts:
             subs[name] = run_sub(name, args.quick, logs)

@@ -9,9 +9,9 @@ learner, synchronous: --max-staleness 0, so neither side overlaps generation wit
 
 Reported: steps/min (the optimizer steps over the time of the steps), rollout tokens/s (completion
 tokens over generation time), their ratios, and each side's first-step reward and loss, so a
-reader can see both did the same work. Needs `pip install trl` (a bench extra, never a runtime
-dependency) and a checkpoint directory: --model DIR or $NANOGRPO_BENCH_MODEL, e.g. one built by
-`python ../shared/tools/make_smollm2.py DIR`.
+reader can see both did the same work. Needs the bench extra, `pip install "torch==2.13.0" -e ".[bench]"`
+(trl: never a runtime dependency), and a checkpoint directory: --model DIR or $NANOGRPO_BENCH_MODEL,
+e.g. one built by `python ../shared/tools/make_smollm2.py DIR`.
 
     python -m bench.trl_peer --model DIR            # 3 TRL steps, 8 of ours, 64 new tokens
     python -m bench.trl_peer --model DIR --quick    # 1 TRL step, 4 of ours
