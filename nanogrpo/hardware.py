@@ -37,12 +37,19 @@ def _matmul_rate(dtype: torch.dtype, n: int = 384, reps: int = 8) -> float:
     return reps / max(time.perf_counter() - t0, 1e-9)
 
 
+def onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 kernels here (AVX-512 / AMX / AVX-NE-CONVERT, and not capped by
+    ONEDNN_MAX_CPU_ISA); on an AVX2-only CPU its bf16 calls raise instead."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_is_fast() -> bool:
-    """True where bf16 matmuls beat fp32 on this CPU: read from the AMX flag on Linux, else measured."""
+    """True where bf16 matmuls beat fp32 on this CPU: read from the AMX flag on Linux (and oneDNN
+    must be allowed to use it: ONEDNN_MAX_CPU_ISA=AVX2 turns its bf16 kernels off), else measured."""
     flags = cpu_flags()
     if flags is not None:
-        return "amx_bf16" in flags
+        return "amx_bf16" in flags and onednn_bf16()
     return _matmul_rate(torch.bfloat16) > 1.2 * _matmul_rate(torch.float32)
 
 

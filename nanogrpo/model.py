@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .hardware import onednn_bf16
 
 
 # oneDNN's inner product (the kernel F.linear already uses for bf16 on CPU) and its weight reorder
@@ -32,8 +33,10 @@ from .config import ModelConfig
 # lacks them.
 _onednn_linear = (getattr(torch.ops.mkldnn, "_linear_pointwise", None)
                   if torch.backends.mkldnn.is_available() else None)
+# oneDNN's bf16 kernels need AVX-512 (or AMX / AVX-NE-CONVERT): on an AVX2-only CPU the reorder
+# raises, and F.linear's own bf16 fallback is the only path.
 _onednn_reorder = (getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-                   if _onednn_linear is not None else None)
+                   if _onednn_linear is not None and onednn_bf16() else None)
 ONEDNN_MIN_WEIGHT = 1 << 21  # below this many weight entries oneDNN's per-call cost (~20 us) loses
 # Linear -> (its weight, (data_ptr, version), that weight's oneDNN-blocked bf16 copy). Outside the module, so a
 # state_dict, a deepcopy or a pickle never meets the opaque tensor; dropped with the module.
