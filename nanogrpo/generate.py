@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import KVCache, Qwen2
+from .cache import KVCache
+from .model import Qwen2
 
 
 @dataclass

@@ -137,7 +137,7 @@ def test_left_padded_batch_matches_unpadded_rows(tmp_path, case):
 def test_cached_prefill_and_decode_match_full_forward(tmp_path):
     """Guards against KV-cache write positions / per-row lengths: ragged prefill then one-token
     decode steps through the cache must give the logits of a plain full forward."""
-    from nanogrpo.model import KVCache
+    from nanogrpo.cache import KVCache
 
     _, ours = hf_checkpoint(tmp_path, "qwen2_untied")
     g = torch.Generator().manual_seed(3)
@@ -261,7 +261,7 @@ def test_bf16_cached_decode_matches_full_forward(tmp_path):
     """Guards against the bf16 decode attention (grouped-query SDPA, a different path from fp32's
     matmuls and from the full forward's) mis-grouping query heads onto kv heads or dropping the
     mask: bf16 decode logits through the cache must match a bf16 full forward to bf16 precision."""
-    from nanogrpo.model import KVCache
+    from nanogrpo.cache import KVCache
 
     _, ours = hf_checkpoint(tmp_path, "qwen2_untied")
     ours = ours.to(torch.bfloat16)
