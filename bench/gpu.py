@@ -66,8 +66,8 @@ def reset_peak_mem(device) -> None:
 class DevicePeer(Peer):
     """bench.learner's transformers + torch.optim.AdamW loop, on `device` under bf16 autocast."""
 
-    def __init__(self, model_dir: str, clip_low: float, clip_high: float, device):
-        super().__init__(model_dir, clip_low, clip_high)
+    def __init__(self, model_dir: str, clip_low: float, clip_high: float, clip_c: float, device):
+        super().__init__(model_dir, clip_low, clip_high, clip_c)
         self.model.to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.opt.defaults["lr"], weight_decay=0.0)
         self.device = torch.device(device)
@@ -109,7 +109,7 @@ def bench_learner(shape: dict, groups: int, G: int, budget: int, reps: int, devi
         del ours
         reset_peak_mem(device)
         cfg = RunConfig()
-        peer = DevicePeer(d, cfg.clip_low, cfg.clip_high, device)
+        peer = DevicePeer(d, cfg.clip_low, cfg.clip_high, cfg.clip_ratio_c, device)
         gn_peer, t_peer = timed_steps(peer.step, (batches, tok_den), reps, device)
         del peer
         reset_peak_mem(device)

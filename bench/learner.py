@@ -2,7 +2,7 @@
 
 Both sides train on the *same* GRPO-shaped batch (groups x G completions, prompt 16-48 tokens,
 completion 16-128 tokens, random group-varied rewards) under the same micro-batch token budget,
-with the same weights, dtype, loss (clipped GRPO, clip-higher, token-mean) and thread count, in
+with the same weights, dtype, loss (clipped GRPO, clip-higher, dual clip, token-mean) and thread count, in
 the same process; the first step of each must give the same pre-clip gradient norm (printed as
 match / MISMATCH). bf16 rows run both sides under `torch.autocast("cpu", bfloat16)` with fp32 weights.
 
@@ -133,12 +133,12 @@ class Ours:
 class Peer:
     """The straightforward transformers loop (see the module docstring)."""
 
-    def __init__(self, model_dir: str, clip_low: float, clip_high: float):
+    def __init__(self, model_dir: str, clip_low: float, clip_high: float, clip_c: float):
         import transformers
 
         self.model = transformers.Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=0.0)
-        self.clip_low, self.clip_high = clip_low, clip_high
+        self.clip_low, self.clip_high, self.clip_c = clip_low, clip_high, clip_c
 
     def step(self, batches: list[dict], tok_den: float) -> dict:
         self.model.train()
@@ -149,6 +149,8 @@ class Peer:
             ratio = torch.exp(logp - mb["old"])
             adv = mb["adv"][:, None]  # (b, 1)
             pg = -torch.min(ratio * adv, ratio.clamp(1 - self.clip_low, 1 + self.clip_high) * adv)
+            # Dual clip (our default --clip-ratio-c): a negative-advantage token loses at most c |adv|.
+            pg = torch.where(adv < 0, torch.minimum(pg, -self.clip_c * adv), pg)
             loss = (pg * mb["mask"]).sum() / tok_den
             loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -241,7 +243,7 @@ def bench_workload(name: str, shape: dict, groups: int, G: int, budget: int, rep
         Qwen2.from_config(shape, seed=0).save_pretrained(d)
         ours = Ours(d, G, groups, budget, threads)
         cfg = ours.core.cfg
-        peer = Peer(d, cfg.clip_low, cfg.clip_high)
+        peer = Peer(d, cfg.clip_low, cfg.clip_high, cfg.clip_ratio_c)
         n_mm = matmul_params(ours.model, shape)
 
         # Same weights and micro-batches -> the same pre-clip gradient norm on the first step.
@@ -351,17 +353,23 @@ def main():
     print("tok/s = completion tokens per second through one whole GRPO step (fwd+bwd+optimizer), best of "
           "interleaved repeats; speedup = peer s / ours s (wall), cpu-t = the same on process CPU time; "
           "GFLOP/s = ours, 6 x matmul params x real tokens")
+    # bf16 autocast rows only where `--dtype auto` would pick bf16: on an AVX2-only CPU bf16 is
+    # emulated (~1 GFLOP/s), a 41M step takes minutes, and no run there would use it.
+    from nanogrpo.hardware import resolve_dtype
+    dtypes = ["float32"] + (["bfloat16"] if resolve_dtype("auto", "cpu") == torch.bfloat16 else [])
+    if len(dtypes) == 1:
+        print("bf16 rows skipped: --dtype auto picks fp32 on this CPU (bf16 is not native here)")
     print(HEADER, flush=True)
     rows = []
     if args.only in (None, "tiny"):
         groups, reps = (8, 5) if args.quick else (16, 5)  # ~1 s steps: repeats are cheap, noise is not
         rows += bench_workload(f"tiny 1024v {groups}x8", TINY, groups, 8, 16384, reps, args.threads,
-                               ["float32", "bfloat16"], peaks, do_ckpt=True, do_mem=True, profile=args.profile)
+                               dtypes, peaks, do_ckpt=True, do_mem=True, profile=args.profile)
     if args.only in (None, "mid"):
         # One group: a 41M-param step on ~0.9k tokens is ~0.2 TFLOP, seconds per step on 2 cores.
         # A 32k vocabulary makes a micro-batch's logits budget x V x 4 bytes: 4096 tokens -> 512 MiB.
         reps = 2
-        rows += bench_workload("mid 41M 1x8", MID, 1, 8, 4096, reps, args.threads, ["float32", "bfloat16"],
+        rows += bench_workload("mid 41M 1x8", MID, 1, 8, 4096, reps, args.threads, dtypes,
                                peaks, do_ckpt=True, do_mem=not args.quick, profile=args.profile)
     # The machine limit, measured again now; rows are rescaled to the better of the two peaks.
     for dt, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
