@@ -134,6 +134,16 @@ def test_shard_bounds_are_contiguous_and_balanced():
         assert max(sizes) <= sum(numels) / n + max(numels)
 
 
+def assert_adam_close(q, p, steps: int, msg: str):
+    """Weights after `steps` AdamW steps from gradients equal to ~1e-6: nearly every entry within
+    1e-6, and the few whose gradient is ~0 (where Adam's m / sqrt(v) turns a rounding difference
+    into a +-lr step; seen with AVX2 kernels) within 2 lr a step. A shard never stepped or never
+    broadcast is off by ~lr in most of its entries and still fails."""
+    d = (q.detach() - p.detach()).abs()
+    assert float((d > 1e-6).float().mean()) <= 1e-3, f"{msg}: {int((d > 1e-6).sum())} of {d.numel()} entries differ"
+    assert float(d.max()) <= 2 * LR * steps + 1e-6, f"{msg}: max difference {float(d.max()):.3g}"
+
+
 @pytest.mark.parametrize("world,seqs", [(2, 6), (3, 6), (3, 2)])
 def test_data_parallel_step_equals_one_process(base, world, seqs):
     """N ranks (gloo), each with its token-balanced share of the sequences and micro-batches (with
@@ -149,7 +159,7 @@ def test_data_parallel_step_equals_one_process(base, world, seqs):
         torch.testing.assert_close(torch.tensor(out["norms"][r]), torch.tensor(norms), atol=1e-6, rtol=1e-5)
         for (name, p), q, g, h in zip(ref.named_parameters(), out[r]["model"].parameters(), grads, out[r]["grads"]):
             torch.testing.assert_close(h, g, atol=1e-6, rtol=1e-5, msg=f"rank {r} grad {name}")
-            torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=f"rank {r} {name}")
+            assert_adam_close(q, p, steps=3, msg=f"rank {r} {name}")
 
 
 def test_optimizer_state_is_sharded_and_round_trips(base):

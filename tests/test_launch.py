@@ -89,11 +89,12 @@ def test_end_to_end_tiny_run_learns(tmp_path):
     rows = read_metrics(run_dir)
     steps = [r for r in rows if r["reward_mean"]]
     assert len(steps) == 60
-    # Measured with this seed: 0.32 -> 0.45. Broken learning (a flipped sign, misaligned rewards,
-    # weights never reaching the workers) leaves it flat or falling.
+    # Measured with this seed: 0.32 -> 0.45 on an AMX CPU, 0.33 -> 0.41 with oneDNN/MKL/ATen capped
+    # at AVX2 (other kernels, another trajectory). Broken learning (a flipped sign, misaligned
+    # rewards, weights never reaching the workers) leaves it flat or falling.
     first = sum(float(r["reward_mean"]) for r in steps[:15]) / 15
     last = sum(float(r["reward_mean"]) for r in steps[-15:]) / 15
-    assert last > first + 0.08, (first, last)
+    assert last > first + 0.05, (first, last)
     gaps = [float(r["logprob_gap"]) for r in steps if r["logprob_gap"]]  # empty: a step that trained nothing
     assert gaps and max(gaps) < 1e-3  # k = 0: learner == sampler
     assert max(float(r["staleness_max"]) for r in steps) == 0
